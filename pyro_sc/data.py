@@ -1,0 +1,434 @@
+"""From an AnnData to the tensors a Pyro model sees.
+
+:class:`AnnDataSetup` registers an AnnData once: it finds the counts (``X`` or a named layer; dense,
+scipy-sparse or backed on disk), checks them, and encodes batches, labels and covariates into integer
+codes whose mapping it keeps. :meth:`AnnDataSetup.minibatch` then densifies only the rows of one
+minibatch into a :class:`Minibatch`, the single argument every model and guide of the package takes.
+
+The user's AnnData is never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+__all__ = ["AnnDataSetup", "DataError", "Minibatch", "iterate_minibatches", "split_indices"]
+
+CHUNK_ROWS = 8192  # rows read at a time when scanning a whole matrix (validation, library statistics)
+
+
+class DataError(ValueError):
+    """The AnnData handed to a model cannot be used as it is; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """One minibatch of cells, as a model and its guide receive it.
+
+    ``idx_n`` are the positions of the cells in the registered data and ``n_obs`` the size of the whole
+    ``cells`` plate, so ``pyro.plate("cells", mb.n_obs, subsample=mb.idx_n)`` scales the minibatch to
+    the data set. Optional fields are ``None`` when the AnnData registered no such key.
+    """
+
+    idx_n: torch.Tensor
+    n_obs: int
+    x_ng: torch.Tensor
+    batch_n: torch.Tensor | None = None  # integer batch codes
+    y_n: torch.Tensor | None = None  # integer label codes, -1 for unlabelled cells
+    size_factor_n: torch.Tensor | None = None
+    cat_covs_nk: torch.Tensor | None = None  # integer codes, one column per categorical covariate
+    cont_covs_nk: torch.Tensor | None = None
+    kl_weight: float = 1.0  # KL annealing weight set by the driver (1 outside warm-up)
+    extra: dict = field(default_factory=dict)  # method-specific tensors (e.g. a design matrix)
+
+    def to(self, device: torch.device | str) -> "Minibatch":
+        """The same minibatch with every tensor on ``device``."""
+        moved = {
+            name: value.to(device)
+            for name, value in self.__dict__.items()
+            if isinstance(value, torch.Tensor)
+        }
+        extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
+        return replace(self, extra=extra, **moved)
+
+    def with_kl_weight(self, kl_weight: float) -> "Minibatch":
+        return replace(self, kl_weight=kl_weight)
+
+    def __len__(self) -> int:
+        return int(self.idx_n.shape[0])
+
+
+def _is_backed_matrix(matrix) -> bool:
+    # anndata's on-disk sparse datasets and h5py datasets are read lazily, by rows.
+    return not isinstance(matrix, (np.ndarray, sp.spmatrix, sp.sparray)) and hasattr(matrix, "shape")
+
+
+def _dense_rows(matrix, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a dense, sparse or backed matrix as a dense float32 array, in the order of idx."""
+    if _is_backed_matrix(matrix):
+        # h5py and anndata's backed datasets want increasing indices: read sorted, then reorder.
+        order = np.argsort(idx, kind="stable")
+        rows = matrix[idx[order]]
+        rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out.astype(np.float32, copy=False)
+    rows = matrix[idx]
+    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+    return rows.astype(np.float32, copy=False)
+
+
+def _chunks(n: int, size: int = CHUNK_ROWS) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class AnnDataSetup:
+    """An AnnData registered for a model: where the counts are and how obs columns are encoded.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. Counts in ``X`` or in ``layers[layer]``: a numpy array, a scipy sparse matrix
+        (CSR is read by rows as is; CSC is converted once to CSR, a copy held here, not in ``adata``),
+        or a matrix backed on disk (``anndata.read_h5ad(path, backed="r")``), read one minibatch at a time.
+    layer
+        Layer holding the raw counts; ``None`` for ``X``.
+    batch_key, labels_key
+        Categorical ``obs`` columns. A batch key with a single category is fine.
+    unlabeled_category
+        The value of ``labels_key`` that marks cells without a label (coded -1).
+    size_factor_key
+        A numeric ``obs`` column of positive size factors.
+    categorical_covariate_keys, continuous_covariate_keys
+        Further ``obs`` columns passed to the model as ``cat_covs_nk`` / ``cont_covs_nk``.
+    allow_non_integer
+        Accept non-integer counts (e.g. ambient-corrected data). Off by default: most likelihoods
+        here are count distributions, and non-integer values usually mean normalised data was passed.
+    batch_categories, label_categories, categorical_covariate_categories
+        Fixed category orders (used when a trained model meets new data); values outside them are an error.
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        unlabeled_category: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        allow_non_integer: bool = False,
+        batch_categories: Sequence | None = None,
+        label_categories: Sequence | None = None,
+        categorical_covariate_categories: dict[str, Sequence] | None = None,
+    ):
+        if not isinstance(adata, AnnData):
+            raise DataError(f"expected an AnnData, got {type(adata).__name__}")
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise DataError(f"the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
+        self.adata = adata
+        self.layer = layer
+        self.batch_key = batch_key
+        self.labels_key = labels_key
+        self.unlabeled_category = unlabeled_category
+        self.size_factor_key = size_factor_key
+        self.categorical_covariate_keys = list(categorical_covariate_keys or [])
+        self.continuous_covariate_keys = list(continuous_covariate_keys or [])
+        self.allow_non_integer = allow_non_integer
+
+        self.matrix = self._find_matrix()
+        self.var_names = pd.Index(adata.var_names.astype(str))
+        self.obs_names = pd.Index(adata.obs_names.astype(str))
+
+        self.batch_categories, self.batch_codes_n = self._encode(
+            batch_key, batch_categories, what="batch"
+        )
+        self.label_categories, self.label_codes_n = self._encode(
+            labels_key, label_categories, what="label", unlabeled=unlabeled_category
+        )
+        fixed = categorical_covariate_categories or {}
+        self.categorical_covariate_categories: dict[str, pd.Index] = {}
+        codes = []
+        for key in self.categorical_covariate_keys:
+            cats, code_n = self._encode(key, fixed.get(key), what="categorical covariate")
+            self.categorical_covariate_categories[key] = cats
+            codes.append(code_n)
+        self.cat_covs_nk = np.stack(codes, axis=1) if codes else None
+        self.cont_covs_nk = self._continuous_covariates()
+        self.size_factor_n = self._size_factors()
+        self.library_n = self._check_counts()
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _find_matrix(self):
+        if self.layer is None:
+            matrix = self.adata.X
+            if matrix is None:
+                raise DataError("adata.X is empty; pass layer=... naming the layer with the counts")
+        else:
+            if self.layer not in self.adata.layers:
+                raise DataError(
+                    f"layer {self.layer!r} not found in adata.layers "
+                    f"(available: {sorted(self.adata.layers.keys()) or 'none'})"
+                )
+            matrix = self.adata.layers[self.layer]
+        if sp.issparse(matrix) and matrix.format != "csr":
+            matrix = sp.csr_matrix(matrix)  # rows are read per minibatch; CSC row slicing is slow
+        return matrix
+
+    def _obs_column(self, key: str, what: str) -> pd.Series:
+        if key not in self.adata.obs.columns:
+            raise DataError(
+                f"{what} key {key!r} not found in adata.obs (columns: {list(self.adata.obs.columns)})"
+            )
+        return self.adata.obs[key]
+
+    def _encode(self, key, categories, *, what: str, unlabeled=None) -> tuple[pd.Index | None, np.ndarray | None]:
+        if key is None:
+            return None, None
+        column = self._obs_column(key, what)
+        if column.isna().any():
+            raise DataError(f"{what} key {key!r} has {int(column.isna().sum())} missing values")
+        values = column.astype(str)
+        unlabeled = None if unlabeled is None else str(unlabeled)
+        if categories is None:
+            if isinstance(column.dtype, pd.CategoricalDtype):
+                observed = set(values)
+                order = [str(c) for c in column.cat.categories if str(c) in observed]
+            else:
+                order = sorted(set(values))
+            categories = [c for c in order if c != unlabeled]
+        categories = pd.Index([str(c) for c in categories])
+        codes = categories.get_indexer(values).astype(np.int64)
+        unknown = (codes < 0) & (values.to_numpy() != unlabeled)
+        if unknown.any():
+            bad = sorted(set(values[unknown]))
+            raise DataError(
+                f"{what} key {key!r} has values not seen when the model was set up: {bad[:10]} "
+                f"(known: {list(categories)[:20]})"
+            )
+        if len(categories) == 0:
+            raise DataError(f"{what} key {key!r} has no categories besides {unlabeled!r}")
+        return categories, codes
+
+    def _continuous_covariates(self) -> np.ndarray | None:
+        if not self.continuous_covariate_keys:
+            return None
+        cols = []
+        for key in self.continuous_covariate_keys:
+            col = pd.to_numeric(self._obs_column(key, "continuous covariate"), errors="coerce").to_numpy(
+                dtype=np.float64
+            )
+            if not np.isfinite(col).all():
+                raise DataError(f"continuous covariate {key!r} has NaN, inf or non-numeric values")
+            cols.append(col)
+        return np.stack(cols, axis=1).astype(np.float32)
+
+    def _size_factors(self) -> np.ndarray | None:
+        if self.size_factor_key is None:
+            return None
+        sf = pd.to_numeric(self._obs_column(self.size_factor_key, "size factor"), errors="coerce")
+        sf = sf.to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(sf) | (sf <= 0)
+        if bad.any():
+            raise DataError(
+                f"size factor key {self.size_factor_key!r} has {int(bad.sum())} values that are "
+                f"zero, negative, NaN or inf (first cells: {list(self.obs_names[bad][:5])})"
+            )
+        return sf.astype(np.float32)
+
+    def _check_counts(self) -> np.ndarray:
+        """Scan the counts once, by chunks of rows; return each cell's total count."""
+        where = "adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]"
+        if self.matrix.shape != (self.adata.n_obs, self.adata.n_vars):
+            raise DataError(f"{where} has shape {self.matrix.shape}, expected {self.adata.shape}")
+        library = np.empty(self.adata.n_obs, dtype=np.float64)
+        for rows in _chunks(self.adata.n_obs):
+            block = self.matrix[rows]
+            values = block.data if sp.issparse(block) else np.asarray(block)
+            if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+                raise DataError(f"{where} holds {values.dtype} values, expected numeric counts")
+            if not np.isfinite(values).all():
+                raise DataError(f"{where} has NaN or inf values; counts must be finite")
+            if (values < 0).any():
+                raise DataError(f"{where} has negative values; counts must be >= 0")
+            if not self.allow_non_integer and np.issubdtype(values.dtype, np.floating):
+                if (values != np.round(values)).any():
+                    raise DataError(
+                        f"{where} has non-integer values: expected raw counts, not normalised or "
+                        "log-transformed data (pass layer=... for a counts layer, or "
+                        "allow_non_integer=True for e.g. ambient-corrected counts)"
+                    )
+            library[rows] = np.asarray(block.sum(axis=1)).ravel()
+        zero = library == 0
+        if zero.any():
+            raise DataError(
+                f"{int(zero.sum())} cells have zero total counts (first: {list(self.obs_names[zero][:5])}); "
+                "remove them first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)"
+            )
+        return library
+
+    # ---------------------------------------------------------------------------------------- queries
+    @property
+    def n_obs(self) -> int:
+        return self.adata.n_obs
+
+    @property
+    def n_vars(self) -> int:
+        return self.adata.n_vars
+
+    @property
+    def n_batch(self) -> int:
+        return 1 if self.batch_categories is None else len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        return 0 if self.label_categories is None else len(self.label_categories)
+
+    @property
+    def n_cats_per_covariate(self) -> list[int]:
+        return [len(c) for c in self.categorical_covariate_categories.values()]
+
+    def counts(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float32 counts of the cells ``idx`` (only these rows are densified)."""
+        return _dense_rows(self.matrix, np.asarray(idx, dtype=np.int64))
+
+    def minibatch(self, idx: np.ndarray, *, device: torch.device | str = "cpu") -> Minibatch:
+        """The :class:`Minibatch` of cells ``idx`` (positions in the registered AnnData)."""
+        idx = np.asarray(idx, dtype=np.int64)
+
+        def tensor(array, dtype):
+            return None if array is None else torch.as_tensor(array[idx], dtype=dtype, device=device)
+
+        return Minibatch(
+            idx_n=torch.as_tensor(idx, device=device),
+            n_obs=self.n_obs,
+            x_ng=torch.as_tensor(self.counts(idx), device=device),
+            batch_n=tensor(self.batch_codes_n, torch.long),
+            y_n=tensor(self.label_codes_n, torch.long),
+            size_factor_n=tensor(self.size_factor_n, torch.float32),
+            cat_covs_nk=tensor(self.cat_covs_nk, torch.long),
+            cont_covs_nk=tensor(self.cont_covs_nk, torch.float32),
+        )
+
+    def log_library_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-batch mean and variance of log total counts (the scVI library-size prior)."""
+        log_lib = np.log(self.library_n)
+        codes = np.zeros(self.n_obs, dtype=np.int64) if self.batch_codes_n is None else self.batch_codes_n
+        mean = np.zeros(self.n_batch, dtype=np.float32)
+        var = np.ones(self.n_batch, dtype=np.float32)
+        for b in range(self.n_batch):
+            values = log_lib[codes == b]
+            if values.size:
+                mean[b] = values.mean()
+                var[b] = values.var() if values.size > 1 else 1.0
+        return mean, var
+
+    # ------------------------------------------------------------------------ saving and new data
+    def registry(self) -> dict:
+        """What a trained model needs to read new data the same way (plain types, for ``save``)."""
+
+        def as_list(index):
+            return None if index is None else [str(v) for v in index]
+
+        return {
+            "layer": self.layer,
+            "batch_key": self.batch_key,
+            "labels_key": self.labels_key,
+            "unlabeled_category": self.unlabeled_category,
+            "size_factor_key": self.size_factor_key,
+            "categorical_covariate_keys": self.categorical_covariate_keys,
+            "continuous_covariate_keys": self.continuous_covariate_keys,
+            "allow_non_integer": self.allow_non_integer,
+            "batch_categories": as_list(self.batch_categories),
+            "label_categories": as_list(self.label_categories),
+            "categorical_covariate_categories": {
+                k: as_list(v) for k, v in self.categorical_covariate_categories.items()
+            },
+            "var_names": as_list(self.var_names),
+        }
+
+    @classmethod
+    def from_registry(cls, adata: AnnData, registry: dict, *, require_labels: bool = False) -> "AnnDataSetup":
+        """Register new data exactly as the data a model was trained on.
+
+        The genes must be the same, in the same order; batches and covariate categories must be among
+        the known ones. Labels are read only when ``adata`` has the labels column (or ``require_labels``).
+        """
+        var_names = pd.Index(registry["var_names"])
+        new_var = pd.Index(adata.var_names.astype(str))
+        if not new_var.equals(var_names):
+            missing = var_names.difference(new_var)
+            extra = new_var.difference(var_names)
+            if len(missing) == 0 and len(extra) == 0:
+                detail = "the same genes in a different order; reorder with adata[:, model_genes]"
+            else:
+                detail = f"{len(missing)} model genes missing (e.g. {list(missing[:5])}), {len(extra)} extra"
+            raise DataError(f"the genes of this AnnData do not match the model's: {detail}")
+        labels_key = registry["labels_key"]
+        if labels_key is not None and labels_key not in adata.obs.columns and not require_labels:
+            labels_key = None
+        return cls(
+            adata,
+            layer=registry["layer"],
+            batch_key=registry["batch_key"],
+            labels_key=labels_key,
+            unlabeled_category=registry["unlabeled_category"],
+            size_factor_key=registry["size_factor_key"],
+            categorical_covariate_keys=registry["categorical_covariate_keys"],
+            continuous_covariate_keys=registry["continuous_covariate_keys"],
+            allow_non_integer=registry["allow_non_integer"],
+            batch_categories=registry["batch_categories"],
+            label_categories=registry["label_categories"] if labels_key is not None else None,
+            categorical_covariate_categories=registry["categorical_covariate_categories"],
+        )
+
+    def __repr__(self) -> str:
+        kind = "backed" if _is_backed_matrix(self.matrix) else ("sparse" if sp.issparse(self.matrix) else "dense")
+        return (
+            f"AnnDataSetup({self.n_obs} cells x {self.n_vars} genes, {kind}, layer={self.layer!r}, "
+            f"batch_key={self.batch_key!r} ({self.n_batch}), labels_key={self.labels_key!r} ({self.n_labels}))"
+        )
+
+
+def split_indices(
+    n_obs: int, *, train_size: float = 0.9, validation_size: float | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle ``range(n_obs)`` with ``seed`` and split it into train and validation indices."""
+    if not 0 < train_size <= 1:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}")
+    validation_size = 1 - train_size if validation_size is None else validation_size
+    if validation_size < 0 or train_size + validation_size > 1 + 1e-9:
+        raise ValueError(f"train_size + validation_size must be <= 1, got {train_size} + {validation_size}")
+    perm = np.random.default_rng(seed).permutation(n_obs)
+    n_train = int(np.ceil(train_size * n_obs)) if validation_size > 0 else n_obs
+    n_train = min(n_train, n_obs)
+    n_val = min(int(round(validation_size * n_obs)), n_obs - n_train)
+    return np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_val])
+
+
+def iterate_minibatches(
+    indices: np.ndarray, batch_size: int, *, shuffle: bool = True, rng: np.random.Generator | None = None
+) -> Iterator[np.ndarray]:
+    """Index minibatches over ``indices``. A last batch of one cell is merged into the one before
+    (batch normalisation needs two cells)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    indices = np.asarray(indices, dtype=np.int64)
+    if shuffle:
+        indices = (rng or np.random.default_rng()).permutation(indices)
+    starts = list(range(0, len(indices), batch_size))
+    if len(starts) > 1 and len(indices) - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        stop = starts[i + 1] if i + 1 < len(starts) else len(indices)
+        yield indices[start:stop]

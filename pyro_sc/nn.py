@@ -1,0 +1,109 @@
+"""The few network blocks the VAEs share.
+
+:class:`MLP` is scVI's fully connected stack (Linear -> BatchNorm -> ReLU -> Dropout) with categorical
+covariates (e.g. the batch) injected into every layer. Concatenating a one-hot code to a layer's input
+and multiplying by the weights is the same as adding one weight column per category, which is how it
+is computed here (an index instead of a matrix product).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "GaussianEncoder"]
+
+
+class _CovariateLinear(nn.Module):
+    """``Linear(concat(x, onehot(c_1), ..., onehot(c_k)))`` without building the one-hot vectors."""
+
+    def __init__(self, n_in: int, n_out: int, n_cat_list: Sequence[int]):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        # A covariate with one category carries no information and gets no weights.
+        self.used = [i for i, n in enumerate(n_cat_list) if n > 1]
+        bound = 1 / (n_in + sum(n_cat_list[i] for i in self.used)) ** 0.5
+        self.cat_weights = nn.ParameterList(
+            nn.Parameter(torch.empty(n_cat_list[i], n_out).uniform_(-bound, bound)) for i in self.used
+        )
+
+    def forward(self, x: torch.Tensor, cats: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        out = self.linear(x)
+        for i, weight in zip(self.used, self.cat_weights):
+            out = out + weight[cats[i]]
+        return out
+
+
+class MLP(nn.Module):
+    """``n_layers`` hidden layers of ``n_hidden`` units; covariates enter every layer.
+
+    Parameters
+    ----------
+    n_in, n_hidden, n_layers
+        Sizes. The output has ``n_hidden`` features (heads are added by the caller).
+    n_cat_list
+        Number of categories of each categorical covariate given to ``forward`` (1 = ignored).
+    dropout_rate, use_batch_norm
+        scVI's defaults: dropout 0.1, batch normalisation with momentum 0.01 and eps 1e-3.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cat_list: Sequence[int] = (),
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+    ):
+        super().__init__()
+        self.n_cat_list = [int(n) for n in n_cat_list]
+        self.layers = nn.ModuleList()
+        self.post = nn.ModuleList()
+        for i in range(n_layers):
+            self.layers.append(_CovariateLinear(n_in if i == 0 else n_hidden, n_hidden, self.n_cat_list))
+            self.post.append(
+                nn.Sequential(
+                    nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3) if use_batch_norm else nn.Identity(),
+                    nn.ReLU(),
+                    nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity(),
+                )
+            )
+
+    def forward(self, x: torch.Tensor, *cats: torch.Tensor | None) -> torch.Tensor:
+        if len(cats) != len(self.n_cat_list):
+            raise ValueError(f"expected {len(self.n_cat_list)} categorical inputs, got {len(cats)}")
+        for layer, post in zip(self.layers, self.post):
+            x = post(layer(x, cats))
+        return x
+
+
+class GaussianEncoder(nn.Module):
+    """``x -> (loc, scale)`` of a diagonal Normal: an :class:`MLP` and two linear heads.
+
+    As in scVI the variance is ``exp(head) + var_eps`` (a floor that keeps it away from zero).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cat_list: Sequence[int] = (),
+        dropout_rate: float = 0.1,
+        var_eps: float = 1e-4,
+    ):
+        super().__init__()
+        self.body = MLP(n_in, n_hidden=n_hidden, n_layers=n_layers, n_cat_list=n_cat_list, dropout_rate=dropout_rate)
+        self.loc = nn.Linear(n_hidden, n_out)
+        self.log_var = nn.Linear(n_hidden, n_out)
+        self.var_eps = var_eps
+
+    def forward(self, x: torch.Tensor, *cats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x, *cats)
+        return self.loc(h), (self.log_var(h).exp() + self.var_eps).sqrt()
