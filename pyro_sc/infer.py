@@ -78,7 +78,7 @@ def evaluate_loss(
         for idx in iterate_minibatches(indices, batch_size, shuffle=False):
             mb = data.minibatch(idx, device=device)
             # The plate scales by n_obs / len(idx): undo it to sum over exactly these cells.
-            total += float(elbo.differentiable_loss(model, guide, mb)) * len(idx) / mb.n_obs
+            total += elbo.loss(model, guide, mb) * len(idx) / mb.n_obs
         return total / max(len(indices), 1)
     finally:
         for m, mode in zip(modules, modes):
@@ -127,7 +127,7 @@ def fit(
         The ``nn.Module`` s holding the parameters (moved to ``device``, switched between train and
         eval mode). ``pyro.param`` sites found by tracing the pair are optimised too.
     elbo
-        Defaults to ``TraceEnum_ELBO()``, which sums enumerated discrete sites out exactly (Pyro finds
+        Defaults to ``TraceEnum_ELBO()`` (without its warning for models with nothing to enumerate), which sums enumerated discrete sites out exactly (Pyro finds
         ``max_plate_nesting`` by tracing the model once unless the ELBO is given it).
     max_epochs, batch_size, lr, eps, weight_decay, clip_norm
         Adam on the per-cell negative ELBO; ``clip_norm`` clips the global gradient norm.
@@ -164,7 +164,7 @@ def fit(
         pyro.set_rng_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch.device(device)
-    elbo = elbo if elbo is not None else TraceEnum_ELBO()
+    elbo = elbo if elbo is not None else TraceEnum_ELBO(strict_enumeration_warning=False)
     for module in modules:
         module.to(device)
         module.train()
@@ -215,8 +215,8 @@ def fit(
                     "parameters were not updated. Try a lower learning rate or clip_norm=..."
                 )
             optimizer.step()
-            train_total += float(loss) * len(idx)
-            extra_total += 0.0 if extra is None else float(extra) * len(idx)
+            train_total += loss.item() * len(idx)
+            extra_total += 0.0 if extra is None else extra.item() * len(idx)
             n_seen += len(idx)
 
         record = {

@@ -282,7 +282,8 @@ class SCVI(BaseModel):
             raise KeyError(f"genes not in the model: {[g for g, i in zip(gene_list, gene_idx) if i < 0][:10]}")
         if transform_batch is not None:
             if setup.batch_categories is None or transform_batch not in setup.batch_categories:
-                raise KeyError(f"unknown batch {transform_batch!r}; known: {list(setup.batch_categories or [])}")
+                known = [] if setup.batch_categories is None else list(setup.batch_categories)
+                raise KeyError(f"unknown batch {transform_batch!r}; known: {known}")
             batch_code = int(setup.batch_categories.get_loc(transform_batch))
         out = []
         for mb in self._minibatches(setup, batch_size):

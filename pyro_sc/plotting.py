@@ -1,0 +1,89 @@
+"""Plots (matplotlib). Every function returns its Figure or Axes and never calls ``show()``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+import numpy as np
+import pandas as pd
+from matplotlib import pyplot as plt
+
+__all__ = ["plot_history", "plot_embedding", "embed_2d"]
+
+
+def plot_history(
+    history: pd.DataFrame,
+    *,
+    metric: str | None = None,
+    ax: matplotlib.axes.Axes | None = None,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """Training and validation loss per epoch; ``metric`` (a history column, e.g. ``"ari"``) on a twin axis."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    else:
+        fig = ax.figure
+    ax.plot(history["epoch"], history["train_loss"], label="train")
+    if "validation_loss" in history and history["validation_loss"].notna().any():
+        ax.plot(history["epoch"], history["validation_loss"], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per cell (negative ELBO)")
+    lines, labels = ax.get_legend_handles_labels()
+    if metric is not None:
+        twin = ax.twinx()
+        twin.plot(history["epoch"], history[metric], color="tab:red", label=metric)
+        twin.set_ylabel(metric)
+        more_lines, more_labels = twin.get_legend_handles_labels()
+        lines, labels = lines + more_lines, labels + more_labels
+    ax.legend(lines, labels, loc="best", frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def embed_2d(representation_nk: np.ndarray, *, method: str = "umap", seed: int = 0) -> np.ndarray:
+    """A 2-D embedding (UMAP via umap-learn, or t-SNE via scikit-learn) of any representation."""
+    if representation_nk.shape[1] == 2:
+        return np.asarray(representation_nk)
+    if method == "umap":
+        try:
+            import umap
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("UMAP needs umap-learn: pip install pyro_sc[analysis]") from err
+        return umap.UMAP(n_neighbors=15, min_dist=0.3, random_state=seed).fit_transform(representation_nk)
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError as err:  # pragma: no cover
+            raise ImportError("t-SNE needs scikit-learn: pip install pyro_sc[analysis]") from err
+        return TSNE(n_components=2, random_state=seed, init="pca").fit_transform(representation_nk)
+    raise ValueError(f"method must be 'umap' or 'tsne', got {method!r}")
+
+
+def plot_embedding(
+    coords_n2: np.ndarray,
+    colors: dict[str, Sequence] | Sequence,
+    *,
+    point_size: float = 4.0,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """Scatter of 2-D coordinates, one panel per colouring (``{"cell type": labels, "batch": batches}``)."""
+    panels = colors if isinstance(colors, dict) else {"": colors}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels.items()):
+        values = pd.Categorical(np.asarray(values).astype(str))
+        cmap = plt.get_cmap("tab20" if len(values.categories) > 10 else "tab10")
+        for i, category in enumerate(values.categories):
+            mask = values == category
+            ax.scatter(*coords_n2[mask].T, s=point_size, color=cmap(i % cmap.N), label=category, linewidths=0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name)
+        ax.legend(markerscale=3, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
