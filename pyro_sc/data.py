@@ -112,6 +112,9 @@ class AnnDataSetup:
     allow_non_integer
         Accept non-integer counts (e.g. ambient-corrected data). Off by default: most likelihoods
         here are count distributions, and non-integer values usually mean normalised data was passed.
+    allow_empty_cells
+        Accept cells whose counts are all zero (e.g. over a panel of marker genes, when the size
+        factors come from all genes). Off by default: such cells carry no information for most models.
     batch_categories, label_categories, categorical_covariate_categories
         Fixed category orders (used when a trained model meets new data); values outside them are an error.
     """
@@ -128,6 +131,7 @@ class AnnDataSetup:
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
         allow_non_integer: bool = False,
+        allow_empty_cells: bool = False,
         batch_categories: Sequence | None = None,
         label_categories: Sequence | None = None,
         categorical_covariate_categories: dict[str, Sequence] | None = None,
@@ -145,6 +149,7 @@ class AnnDataSetup:
         self.categorical_covariate_keys = list(categorical_covariate_keys or [])
         self.continuous_covariate_keys = list(continuous_covariate_keys or [])
         self.allow_non_integer = allow_non_integer
+        self.allow_empty_cells = allow_empty_cells
 
         self.matrix = self._find_matrix()
         self.var_names = pd.Index(adata.var_names.astype(str))
@@ -247,11 +252,12 @@ class AnnDataSetup:
         return sf.astype(np.float32)
 
     def _check_counts(self) -> np.ndarray:
-        """Scan the counts once, by chunks of rows; return each cell's total count."""
+        """Scan the counts once, by chunks of rows; return each cell's total count (and note the largest count)."""
         where = "adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]"
         if self.matrix.shape != (self.adata.n_obs, self.adata.n_vars):
             raise DataError(f"{where} has shape {self.matrix.shape}, expected {self.adata.shape}")
         library = np.empty(self.adata.n_obs, dtype=np.float64)
+        self.max_count = 0.0
         for rows in _chunks(self.adata.n_obs):
             block = self.matrix[rows]
             values = block.data if sp.issparse(block) else np.asarray(block)
@@ -269,8 +275,10 @@ class AnnDataSetup:
                         "allow_non_integer=True for e.g. ambient-corrected counts)"
                     )
             library[rows] = np.asarray(block.sum(axis=1)).ravel()
+            if values.size:
+                self.max_count = max(self.max_count, float(values.max()))
         zero = library == 0
-        if zero.any():
+        if zero.any() and not self.allow_empty_cells:
             raise DataError(
                 f"{int(zero.sum())} cells have zero total counts (first: {list(self.obs_names[zero][:5])}); "
                 "remove them first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)"
@@ -349,6 +357,7 @@ class AnnDataSetup:
             "categorical_covariate_keys": self.categorical_covariate_keys,
             "continuous_covariate_keys": self.continuous_covariate_keys,
             "allow_non_integer": self.allow_non_integer,
+            "allow_empty_cells": self.allow_empty_cells,
             "batch_categories": as_list(self.batch_categories),
             "label_categories": as_list(self.label_categories),
             "categorical_covariate_categories": {
@@ -387,6 +396,7 @@ class AnnDataSetup:
             categorical_covariate_keys=registry["categorical_covariate_keys"],
             continuous_covariate_keys=registry["continuous_covariate_keys"],
             allow_non_integer=registry["allow_non_integer"],
+            allow_empty_cells=registry.get("allow_empty_cells", False),
             batch_categories=registry["batch_categories"],
             label_categories=registry["label_categories"] if labels_key is not None else None,
             categorical_covariate_categories=registry["categorical_covariate_categories"],

@@ -15,7 +15,10 @@ from anndata import AnnData
 
 from . import settings
 
-__all__ = ["data_path", "read_dataset", "load_ifnb", "select_hvg", "simulate_scvi"]
+__all__ = [
+    "data_path", "read_dataset", "load_ifnb", "load_cellbench", "load_markers", "select_hvg",
+    "simulate_scvi", "simulate_cellassign",
+]
 
 # folder -> file of each real set (see the data directory's README).
 DATASETS = {
@@ -65,6 +68,98 @@ def load_ifnb(*, n_top_genes: int | None = 2000) -> AnnData:
     """
     adata = read_dataset("ifnb_2800")
     return adata if n_top_genes is None else select_hvg(adata, n_top_genes, batch_key="condition")
+
+
+def load_cellbench(*, drop_doublets: bool = True) -> AnnData:
+    """CellBench 3 cell lines (Tian et al. 2019), CEL-seq2 and Drop-seq; truth ``obs["cell_line_demuxlet"]``.
+
+    ``var_names`` are Ensembl IDs, ``var["gene_symbol"]`` the symbols. Doublets (by genotype) dropped.
+    """
+    adata = read_dataset("cellbench_3cl")
+    if drop_doublets:
+        adata = adata[adata.obs["demuxlet_cls"] != "DBL"].copy()
+    return adata
+
+
+def load_markers(name: str) -> pd.DataFrame:
+    """A CellAssign-paper marker matrix (genes x types, 0/1), e.g. ``"tian_73_73"`` or ``"tian_20_73"``."""
+    base = Path(settings.data_dir)
+    candidates = [base / "cellbench_3cl" / "markers" / f"{name}_markers_binary_matrix.csv",
+                  base / "markers" / f"{name}_binary_matrix.csv", base / "markers" / f"{name}.csv"]
+    for path in candidates:
+        if path.exists():
+            return pd.read_csv(path, index_col=0)
+    yaml_path = base / "markers" / "cellassign_paper_marker_lists" / f"{name}.yaml"
+    if not yaml_path.exists():
+        yaml_path = base / "cellbench_3cl" / "markers" / f"{name}_markers.yaml"
+    if yaml_path.exists():
+        return marker_list_to_matrix(_read_marker_yaml(yaml_path))
+    raise FileNotFoundError(f"no marker matrix {name!r} under {base} (looked for {[str(p) for p in candidates]})")
+
+
+def _read_marker_yaml(path: Path) -> dict[str, list[str]]:
+    """A ``type: [genes]`` YAML file (the CellAssign papers' format: plain keys and '- gene' items)."""
+    markers: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("- ") and current is not None:
+            markers[current].append(stripped[2:].strip().strip("'\""))
+        elif stripped.endswith(":"):
+            current = stripped[:-1].strip().strip("'\"")
+            markers[current] = []
+    return markers
+
+
+def marker_list_to_matrix(markers: dict[str, list[str]]) -> pd.DataFrame:
+    """``{type: [genes]}`` -> binary genes x types DataFrame (genes in first-seen order)."""
+    genes = list(dict.fromkeys(g for gs in markers.values() for g in gs))
+    return pd.DataFrame({t: [int(g in set(gs)) for g in genes] for t, gs in markers.items()}, index=genes)
+
+
+def simulate_cellassign(
+    n_cells: int = 10_000,
+    *,
+    type_fractions: tuple[float, ...] = (0.4, 0.25, 0.15, 0.12, 0.08),
+    n_markers_per_type: int = 6,
+    n_other_genes: int = 10,
+    min_delta: float = 2.0,
+    phi: float = 5.0,
+    seed: int = 0,
+) -> tuple[AnnData, pd.DataFrame, pd.DataFrame]:
+    """Counts from CellAssign's generative model, with known types and marker effects.
+
+    Types of uneven sizes; each has ``n_markers_per_type`` markers of its own, with effects
+    ``delta = min_delta + LogNormal(-1, 0.5)``; ``n_other_genes`` non-marker genes; size factors
+    LogNormal(0, 0.3); baseline log means ``beta_0 ~ N(1, 1)``; NB noise with inverse dispersion ``phi``.
+    Returns ``(adata, marker_matrix, true_delta)`` with ``obs["cell_type"]`` the true type.
+    """
+    rng = np.random.default_rng(seed)
+    n_types = len(type_fractions)
+    types = [f"type_{c}" for c in range(n_types)]
+    n_markers = n_types * n_markers_per_type
+    genes = [f"marker_{g}" for g in range(n_markers)] + [f"other_{g}" for g in range(n_other_genes)]
+    rho_gc = np.zeros((n_markers, n_types))
+    for c in range(n_types):
+        rho_gc[c * n_markers_per_type : (c + 1) * n_markers_per_type, c] = 1
+    delta_gc = rho_gc * (min_delta + rng.lognormal(-1.0, 0.5, size=rho_gc.shape))
+    pi_c = np.asarray(type_fractions) / np.sum(type_fractions)
+    z_n = rng.choice(n_types, size=n_cells, p=pi_c)
+    s_n = rng.lognormal(0.0, 0.3, size=n_cells)
+    beta0_g = rng.normal(1.0, 1.0, size=len(genes))
+    log_mu_ng = np.log(s_n)[:, None] + beta0_g
+    log_mu_ng[:, :n_markers] += delta_gc.T[z_n]
+    x_ng = rng.poisson(rng.gamma(phi, np.exp(log_mu_ng) / phi)).astype(np.float32)
+    empty = x_ng.sum(1) == 0
+    x_ng[empty, -1] = 1  # every cell has a count somewhere
+    obs = pd.DataFrame({"cell_type": pd.Categorical([types[c] for c in z_n], categories=types)},
+                       index=[f"cell_{i}" for i in range(n_cells)])
+    adata = AnnData(sp.csr_matrix(x_ng), obs=obs, var=pd.DataFrame(index=genes))
+    markers = pd.DataFrame(rho_gc.astype(int), index=genes[:n_markers], columns=types)
+    true_delta = pd.DataFrame(delta_gc, index=genes[:n_markers], columns=types)
+    return adata, markers, true_delta
 
 
 def simulate_scvi(

@@ -55,6 +55,11 @@ class BaseModel:
     def _train_defaults(self) -> dict:
         return {}
 
+    @classmethod
+    def _setup_from_registry(cls, adata: AnnData, registry: dict, module_kwargs: dict) -> AnnDataSetup:
+        """Register new data exactly as the training data was (override when a method transforms it)."""
+        return AnnDataSetup.from_registry(adata, registry)
+
     # ------------------------------------------------------------------------------- model and guide
     def model(self, mb: Minibatch):
         return self.module.model(mb)
@@ -102,7 +107,7 @@ class BaseModel:
         """The registered training data, or new data registered the same way (same genes, known batches)."""
         if adata is None or adata is self.setup.adata:
             return self.setup
-        return AnnDataSetup.from_registry(adata, self.setup.registry())
+        return self._setup_from_registry(adata, self.setup.registry(), self.module_kwargs)
 
     def _minibatches(self, setup: AnnDataSetup, batch_size: int) -> Iterator[Minibatch]:
         """All cells of ``setup`` in order, for queries (call under ``torch.no_grad`` in eval mode)."""
@@ -133,7 +138,7 @@ class BaseModel:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("class") != cls.__name__:
             raise TypeError(f"{path} holds a {saved.get('class')!r} model, not a {cls.__name__}")
-        setup = AnnDataSetup.from_registry(adata, saved["registry"])
+        setup = cls._setup_from_registry(adata, saved["registry"], saved["module_kwargs"])
         obj = cls.__new__(cls)
         BaseModel.__init__(obj, setup, **saved["module_kwargs"])
         obj.module.load_state_dict(saved["state_dict"])
