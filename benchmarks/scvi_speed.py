@@ -29,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    """Peak resident memory of this process since its exec (VmHWM; ru_maxrss would include the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best available
 
 
 def worker_pyro_sc(path: str, batch_size: int, epochs: int) -> dict:

@@ -15,10 +15,11 @@ from . import datasets, settings  # noqa: E402
 from .data import AnnDataSetup, DataError, Minibatch  # noqa: E402
 from .distributions import NegativeBinomial, ZeroInflatedNegativeBinomial  # noqa: E402
 from .infer import TrainingError, fit  # noqa: E402
-from .models import SCVI  # noqa: E402
+from .models import SCVI, CellAssign  # noqa: E402
 
 __all__ = [
     "AnnDataSetup",
+    "CellAssign",
     "DataError",
     "Minibatch",
     "NegativeBinomial",

@@ -124,7 +124,7 @@ def simulate_cellassign(
     *,
     type_fractions: tuple[float, ...] = (0.4, 0.25, 0.15, 0.12, 0.08),
     n_markers_per_type: int = 6,
-    n_other_genes: int = 10,
+    n_other_genes: int = 200,
     min_delta: float = 2.0,
     phi: float = 5.0,
     seed: int = 0,
@@ -134,7 +134,9 @@ def simulate_cellassign(
     Types of uneven sizes; each has ``n_markers_per_type`` markers of its own, with effects
     ``delta = min_delta + LogNormal(-1, 0.5)``; ``n_other_genes`` non-marker genes; size factors
     LogNormal(0, 0.3); baseline log means ``beta_0 ~ N(1, 1)``; NB noise with inverse dispersion ``phi``.
-    Returns ``(adata, marker_matrix, true_delta)`` with ``obs["cell_type"]`` the true type.
+    Returns ``(adata, marker_matrix, true_delta)`` with ``obs["cell_type"]`` the true type and
+    ``obs["size_factor"]`` the true size factors (the model's :math:`s_n`; size factors estimated from
+    total counts are inflated by each type's own markers when markers are a large share of the genes).
     """
     rng = np.random.default_rng(seed)
     n_types = len(type_fractions)
@@ -154,8 +156,10 @@ def simulate_cellassign(
     x_ng = rng.poisson(rng.gamma(phi, np.exp(log_mu_ng) / phi)).astype(np.float32)
     empty = x_ng.sum(1) == 0
     x_ng[empty, -1] = 1  # every cell has a count somewhere
-    obs = pd.DataFrame({"cell_type": pd.Categorical([types[c] for c in z_n], categories=types)},
-                       index=[f"cell_{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([types[c] for c in z_n], categories=types), "size_factor": s_n},
+        index=[f"cell_{i}" for i in range(n_cells)],
+    )
     adata = AnnData(sp.csr_matrix(x_ng), obs=obs, var=pd.DataFrame(index=genes))
     markers = pd.DataFrame(rho_gc.astype(int), index=genes[:n_markers], columns=types)
     true_delta = pd.DataFrame(delta_gc, index=genes[:n_markers], columns=types)

@@ -1,5 +1,6 @@
 """The methods: each a PyroModule (model + guide) and a user-facing class."""
 
+from .cellassign import CellAssign, CellAssignModule
 from .scvi import SCVI, SCVIModule
 
-__all__ = ["SCVI", "SCVIModule"]
+__all__ = ["CellAssign", "CellAssignModule", "SCVI", "SCVIModule"]

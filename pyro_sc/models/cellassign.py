@@ -1,0 +1,471 @@
+r"""CellAssign: marker-based cell-type assignment (Zhang et al. 2019, Nature Methods 16:1007).
+
+For cell :math:`n` with size factor :math:`s_n` and covariates :math:`D_n` (a design row), marker gene
+:math:`g` and cell type :math:`c`, with :math:`\rho_{gc} \in \{0, 1\}` the marker matrix:
+
+.. math::
+
+    \pi &\sim \mathrm{Dirichlet}(\alpha = 0.01) \\
+    \delta_{gc} &\sim \mathrm{LogNormal}(m, \sigma^2)\ \text{truncated to}\ [\delta_{\min}, \infty)
+        \quad\text{for each}\ \rho_{gc} = 1 \\
+    z_n &\sim \mathrm{Categorical}(\pi) \\
+    \log \mu_{ngc} &= \log s_n + \beta_{g0} + \textstyle\sum_i D_{ni} \beta_{gi} + \delta_{gc} \rho_{gc} \\
+    \phi_{ngc} &= \textstyle\sum_{b=1}^{B} a_b \exp\!\big(-b_0\, (\log \mu_{ngc} - v_b)^2\big) \\
+    x_{ng} \mid z_n = c &\sim \mathrm{NB}(\mu_{ngc}, \phi_{ngc})
+
+:math:`m` and :math:`\sigma` are learned (shrinkage of the marker effects); :math:`\beta`, :math:`\log a_b`
+too. The cell types :math:`z_n` are enumerated and summed out exactly by ``TraceEnum_ELBO``.
+
+**Inverse dispersion.** As in the original TensorFlow implementation, the radial basis functions are
+evaluated at the *log* mean, with :math:`B = 10` centres :math:`v_b` evenly spaced from 0 to the
+largest count and :math:`b_0 = 1 / (2 (v_2 - v_1)^2)`. (Evaluating them at the mean on the count scale
+lets a marker's boosted mean fall beyond the centres, :math:`\phi \to 0`, and the NB collapses onto
+zero, so cells that express none of a type's markers fit it at no cost.) The log mean is clamped to
+the span of the centres, so :math:`\phi` stays sane even far outside it.
+
+**Guide.** MAP: point masses on :math:`\pi` and :math:`\delta` (with :math:`\delta \ge \delta_{\min}`
+built into the parametrisation, :math:`\delta = \delta_{\min} + e^u`). With :math:`z` marginalised in the
+model, each step is an exact E step (the responsibilities) and a gradient M step on a minibatch. The
+loss is the negative log joint, with no entropy term rewarding confident assignments. Any other guide
+over ``pi`` and ``delta`` (e.g. ``AutoNormal`` for posterior uncertainty) trains through the same driver.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import torch
+from anndata import AnnData
+from pyro.distributions import constraints
+from pyro.infer import TraceEnum_ELBO
+from pyro.nn import PyroModule
+from torch import nn
+
+from ..data import AnnDataSetup, DataError, Minibatch, split_indices
+from ..infer import fit
+from ..distributions import NegativeBinomial
+from ._base import BaseModel
+
+__all__ = ["CellAssign", "CellAssignModule", "TruncatedLogNormal"]
+
+
+class TruncatedLogNormal(dist.TorchDistribution):
+    """LogNormal(loc, scale) restricted to ``[low, inf)`` and renormalised: the prior on the marker effects."""
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    has_rsample = True
+
+    def __init__(self, loc, scale, low: float, validate_args=None):
+        self.loc, self.scale = torch.broadcast_tensors(torch.as_tensor(loc), torch.as_tensor(scale))
+        self.low = float(low)
+        self._log_low = math.log(self.low)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.greater_than(self.low)
+
+    def _alpha(self):
+        return (self._log_low - self.loc) / self.scale
+
+    def log_prob(self, value):
+        log_value = value.log()
+        normal = dist.Normal(self.loc, self.scale, validate_args=False).log_prob(log_value)
+        # log P(X >= low) = log Phi(-alpha), stable in the far tails
+        return normal - log_value - torch.special.log_ndtr(-self._alpha())
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
+        lower = torch.special.ndtr(self._alpha())
+        p = (lower + u * (1 - lower)).clamp(max=1 - 1e-7)
+        return (self.loc + self.scale * torch.special.ndtri(p)).exp().clamp(min=self.low)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(TruncatedLogNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
+        new.low, new._log_low = self.low, self._log_low
+        super(TruncatedLogNormal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+
+class CellAssignModule(PyroModule):
+    """CellAssign's model and MAP guide. ``max_plate_nesting = 1`` (cells); z is enumerated at dim -2."""
+
+    max_plate_nesting = 1
+
+    def __init__(
+        self,
+        rho_gc: Sequence[Sequence[float]],
+        *,
+        n_covariates: int = 0,
+        max_count: float,
+        min_delta: float = 2.0,
+        dirichlet_concentration: float = 0.01,
+        n_basis: int = 10,
+    ):
+        super().__init__()
+        rho_gc = torch.as_tensor(np.asarray(rho_gc, dtype=np.float32))
+        self.n_genes, self.n_types = rho_gc.shape
+        self.min_delta = float(min_delta)
+        self.register_buffer("rho_gc", rho_gc)
+        gene_m, type_m = rho_gc.nonzero(as_tuple=True)
+        self.register_buffer("marker_gene_m", gene_m)
+        self.register_buffer("marker_type_m", type_m)
+        self.register_buffer("alpha_c", torch.full((self.n_types,), float(dirichlet_concentration)))
+        centres_b = torch.linspace(0.0, max(float(max_count), 1.0), n_basis)
+        self.register_buffer("basis_centres_b", centres_b)
+
+        # Initialisation as in the method description.
+        self.beta0_g = nn.Parameter(torch.randn(self.n_genes))
+        self.beta_gp = nn.Parameter(torch.randn(self.n_genes, n_covariates))
+        self.log_a_b = nn.Parameter(torch.zeros(n_basis))
+        self.delta_log_mean = nn.Parameter(torch.zeros(()))
+        self.delta_log_scale_raw = nn.Parameter(torch.zeros(()))  # log of the prior's scale
+        # MAP guide parameters: pi = softmax(logits) starts uniform; delta = min_delta + exp(u),
+        # with delta - min_delta drawn from LogNormal(0, 1).
+        self.pi_logits_c = nn.Parameter(torch.zeros(self.n_types))
+        self.delta_excess_log_m = nn.Parameter(torch.randn(len(gene_m)))
+
+    # ------------------------------------------------------------------------------ shared pieces
+    @property
+    def n_markers(self) -> int:
+        return int(self.marker_gene_m.shape[0])
+
+    def delta_cg(self, delta_m: torch.Tensor) -> torch.Tensor:
+        """The marker effects as a dense (types, genes) matrix, zero where rho_gc = 0."""
+        out = delta_m.new_zeros(delta_m.shape[:-1] + (self.n_types, self.n_genes))
+        out[..., self.marker_type_m, self.marker_gene_m] = delta_m
+        return out
+
+    def inverse_dispersion(self, log_mu: torch.Tensor) -> torch.Tensor:
+        """phi = sum_b a_b exp(-b0 (log mu - v_b)^2), log mu clamped to the span of the centres."""
+        v_b = self.basis_centres_b
+        width = 0.5 / (v_b[1] - v_b[0]) ** 2
+        log_mu = log_mu.clamp(min=float(v_b[0]), max=float(v_b[-1])).unsqueeze(-1)
+        return (self.log_a_b - width * (log_mu - v_b) ** 2).logsumexp(-1).exp()
+
+    def log_base_mean(self, mb: Minibatch) -> torch.Tensor:
+        """log s_n + beta_g0 + D_n beta_g: the log mean of every gene before marker effects, (cells, genes)."""
+        log_base_ng = mb.size_factor_n.log().unsqueeze(-1) + self.beta0_g
+        design_np = mb.extra.get("design_np")
+        if design_np is not None and design_np.shape[-1]:
+            log_base_ng = log_base_ng + design_np @ self.beta_gp.T
+        return log_base_ng
+
+    def map_pi(self) -> torch.Tensor:
+        return torch.softmax(self.pi_logits_c, -1)
+
+    def map_delta(self) -> torch.Tensor:
+        return self.min_delta + self.delta_excess_log_m.exp()
+
+    # --------------------------------------------------------------------------------- model, guide
+    def model(self, mb: Minibatch):
+        pi_c = pyro.sample("pi", dist.Dirichlet(self.alpha_c))
+        delta_scale = self.delta_log_scale_raw.exp()
+        delta_m = pyro.sample(
+            "delta",
+            TruncatedLogNormal(self.delta_log_mean, delta_scale, self.min_delta).expand([self.n_markers]).to_event(1),
+        )
+        delta_cg = self.delta_cg(delta_m)
+        log_base_ng = self.log_base_mean(mb)
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
+            z_n = pyro.sample("z", dist.Categorical(pi_c), infer={"enumerate": "parallel"})
+            log_mu_ng = log_base_ng + delta_cg[z_n]  # under enumeration: (types, 1, genes) -> (types, cells, genes)
+            phi_ng = self.inverse_dispersion(log_mu_ng)
+            pyro.sample("x", NegativeBinomial(log_mu_ng.exp(), phi_ng, validate_args=False).to_event(1), obs=mb.x_ng)
+
+    def guide(self, mb: Minibatch):
+        pyro.sample("pi", dist.Delta(self.map_pi(), event_dim=1))
+        pyro.sample("delta", dist.Delta(self.map_delta(), event_dim=1))
+
+
+def _marker_matrix(marker_matrix: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(marker_matrix, pd.DataFrame):
+        raise TypeError("marker_matrix must be a pandas DataFrame (genes x cell types, 0/1)")
+    if marker_matrix.shape[0] == 0 or marker_matrix.shape[1] == 0:
+        raise DataError("the marker matrix is empty")
+    index = marker_matrix.index.astype(str)
+    if index.has_duplicates:
+        raise DataError(f"the marker matrix lists genes more than once: {sorted(set(index[index.duplicated()]))[:10]}")
+    values = marker_matrix.to_numpy()
+    if not np.isin(values, [0, 1]).all():
+        raise DataError("the marker matrix must be binary (0/1): found other values")
+    rho = pd.DataFrame(values.astype(np.float32), index=index, columns=marker_matrix.columns.astype(str))
+    empty = rho.columns[rho.sum(0) == 0]
+    if len(empty):
+        raise DataError(f"cell types with no marker gene: {list(empty)}")
+    return rho
+
+
+class CellAssign(BaseModel):
+    """CellAssign on an AnnData of raw counts and a binary marker matrix.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, raw counts (all genes: the size factors use them).
+    marker_matrix
+        Genes x cell types, 0/1, indexed by gene names as in ``adata.var_names`` (or ``var_key``).
+    size_factor_key
+        ``obs`` column of size factors. Default: each cell's total count over all genes divided by the
+        mean total.
+    layer, batch_key, categorical_covariate_keys, continuous_covariate_keys
+        Counts layer and the covariates of the design matrix (categorical ones are coded as indicators
+        of all but their first category).
+    var_key
+        ``var`` column holding the gene names the marker matrix uses (e.g. ``"gene_symbol"``).
+    drop_missing_markers
+        Marker genes absent from the data are an error (listing them) unless this is set; then they
+        are dropped with a warning.
+    min_delta, dirichlet_concentration, n_basis
+        The lower bound of the marker effects, the Dirichlet prior's concentration, and the number of
+        basis functions of the dispersion (2, 0.01, 10 as in the paper).
+
+    Cells with zero counts over every marker are kept: their assignment follows from the size factor
+    (a type whose markers they do not express) and the prior.
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        marker_matrix: pd.DataFrame,
+        *,
+        size_factor_key: str | None = None,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        var_key: str | None = None,
+        drop_missing_markers: bool = False,
+        min_delta: float = 2.0,
+        dirichlet_concentration: float = 0.01,
+        n_basis: int = 10,
+    ):
+        rho = _marker_matrix(marker_matrix)
+        names = self._gene_names(adata, var_key)
+        missing = [g for g in rho.index if g not in set(names)]
+        if missing and not drop_missing_markers:
+            raise DataError(
+                f"{len(missing)} marker genes are not in the data: {missing}"
+                + ("" if var_key else " (if adata.var_names are IDs, pass var_key= naming the symbols column)")
+                + "; pass drop_missing_markers=True to drop them"
+            )
+        if missing:
+            warnings.warn(f"dropping {len(missing)} marker genes absent from the data: {missing}", stacklevel=2)
+            rho = _marker_matrix(rho.drop(index=missing))
+        setup_kwargs = dict(
+            layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
+            continuous_covariate_keys=continuous_covariate_keys, categorical_covariate_keys=categorical_covariate_keys,
+        )
+        setup, library_mean = self._marker_setup(adata, rho.index, var_key, setup_kwargs, library_mean=None)
+        super().__init__(
+            setup,
+            rho_gc=rho.to_numpy().tolist(),
+            marker_genes=list(rho.index),
+            cell_types=list(rho.columns),
+            var_key=var_key,
+            library_mean=library_mean,
+            min_delta=min_delta,
+            dirichlet_concentration=dirichlet_concentration,
+            n_basis=n_basis,
+        )
+
+    # ------------------------------------------------------------------------ data registration
+    @staticmethod
+    def _gene_names(adata: AnnData, var_key: str | None) -> pd.Index:
+        if var_key is None:
+            return pd.Index(adata.var_names.astype(str))
+        if var_key not in adata.var.columns:
+            raise DataError(f"var_key {var_key!r} not found in adata.var (columns: {list(adata.var.columns)})")
+        return pd.Index(adata.var[var_key].astype(str))
+
+    @classmethod
+    def _marker_setup(cls, adata, marker_genes, var_key, setup_kwargs, *, library_mean):
+        """Register the marker genes of ``adata`` (in the marker matrix's order), with size factors
+        computed from all genes unless a size factor column is given."""
+        names = cls._gene_names(adata, var_key)
+        position = {}
+        for i, name in enumerate(names):
+            position.setdefault(name, []).append(i)
+        ambiguous = [g for g in marker_genes if len(position.get(g, [])) > 1]
+        if ambiguous:
+            raise DataError(f"marker genes found in more than one column of the data: {ambiguous[:10]}")
+        columns = [position[g][0] for g in marker_genes]
+        if setup_kwargs.get("size_factor_key") is None:
+            full = AnnDataSetup(adata, layer=setup_kwargs.get("layer"))  # checks every count, all genes
+            library_mean = float(full.library_n.mean()) if library_mean is None else library_mean
+            size_factor_n = full.library_n / library_mean
+        markers = adata[:, columns].copy()  # only the marker columns: the user's AnnData is untouched
+        markers.var_names = pd.Index(list(marker_genes))
+        kwargs = dict(setup_kwargs)
+        if kwargs.get("size_factor_key") is None:
+            markers.obs["_cellassign_size_factor"] = size_factor_n.astype(np.float32)
+            kwargs["size_factor_key"] = "_cellassign_size_factor"
+        return AnnDataSetup(markers, allow_empty_cells=True, **kwargs), library_mean
+
+    @classmethod
+    def _setup_from_registry(cls, adata: AnnData, registry: dict, module_kwargs: dict) -> AnnDataSetup:
+        own_sf = registry["size_factor_key"] != "_cellassign_size_factor"
+        setup_kwargs = dict(
+            layer=registry["layer"], batch_key=registry["batch_key"],
+            size_factor_key=registry["size_factor_key"] if own_sf else None,
+            continuous_covariate_keys=registry["continuous_covariate_keys"],
+            categorical_covariate_keys=registry["categorical_covariate_keys"],
+        )
+        setup, _ = cls._marker_setup(
+            adata, module_kwargs["marker_genes"], module_kwargs["var_key"], setup_kwargs,
+            library_mean=module_kwargs["library_mean"],
+        )
+        # same batch / covariate coding as at training time
+        return AnnDataSetup.from_registry(setup.adata, registry)
+
+    @classmethod
+    def _make_module(cls, setup: AnnDataSetup, **kwargs) -> CellAssignModule:
+        n_covariates = (setup.n_batch - 1) + sum(n - 1 for n in setup.n_cats_per_covariate)
+        n_covariates += len(setup.continuous_covariate_keys)
+        return CellAssignModule(
+            kwargs["rho_gc"], n_covariates=n_covariates, max_count=setup.max_count, min_delta=kwargs["min_delta"],
+            dirichlet_concentration=kwargs["dirichlet_concentration"], n_basis=kwargs["n_basis"],
+        )
+
+    def _design(self, mb: Minibatch) -> Minibatch:
+        """Attach the design matrix D (indicators of all but the first category, then continuous covariates)."""
+        columns = []
+        if mb.batch_n is not None and self.setup.n_batch > 1:
+            columns.append(nn.functional.one_hot(mb.batch_n, self.setup.n_batch)[:, 1:].float())
+        for k, n_cat in enumerate(self.setup.n_cats_per_covariate):
+            if n_cat > 1:
+                columns.append(nn.functional.one_hot(mb.cat_covs_nk[:, k], n_cat)[:, 1:].float())
+        if mb.cont_covs_nk is not None:
+            columns.append(mb.cont_covs_nk)
+        design_np = torch.cat(columns, -1) if columns else mb.x_ng.new_zeros(len(mb), 0)
+        return replace(mb, extra={**mb.extra, "design_np": design_np})
+
+    def model(self, mb: Minibatch):
+        return self.module.model(self._design(mb))
+
+    def guide(self, mb: Minibatch):
+        return self.module.guide(self._design(mb))
+
+    def _elbo(self):
+        return TraceEnum_ELBO(max_plate_nesting=1)
+
+    # --------------------------------------------------------------------------------------- training
+    def train(
+        self,
+        *,
+        max_epochs: int = 400,
+        batch_size: int = 1024,
+        lr: float = 0.1,
+        num_restarts: int = 3,
+        screen_epochs: int = 10,
+        early_stopping: bool = True,
+        patience: int = 10,
+        early_stopping_min_delta: float = 1e-3,
+        train_size: float = 0.9,
+        seed: int | None = 0,
+        guide=None,
+        progress_bar: bool = False,
+        **fit_kwargs,
+    ) -> pd.DataFrame:
+        """Fit by minibatch MAP-EM from ``num_restarts`` initialisations; keep the best held-out likelihood.
+
+        Every initialisation is trained for ``screen_epochs`` epochs; the one with the best validation
+        loss (the negative log joint per held-out cell, types summed out) is then trained on until that
+        loss has not improved by ``early_stopping_min_delta`` for ``patience`` epochs (``screen_epochs=None`` trains
+        every restart to convergence). ``restart_losses`` records each restart's screening loss.
+        ``guide`` replaces the MAP guide (a callable over ``pi`` and ``delta`` taking a Minibatch, e.g.
+        an ``AutoNormal``); the driver finds its parameters.
+        """
+        if num_restarts < 1:
+            raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
+        train_idx, val_idx = split_indices(self.setup.n_obs, train_size=train_size, seed=0 if seed is None else seed)
+        options = dict(
+            batch_size=batch_size, lr=lr, early_stopping=early_stopping, patience=patience,
+            min_delta=early_stopping_min_delta,
+            train_indices=train_idx, validation_indices=val_idx if len(val_idx) else None,
+            progress_bar=progress_bar, **fit_kwargs,
+        )
+        self.custom_guide = guide
+        screening = screen_epochs is not None and num_restarts > 1
+        candidates = []
+        for restart in range(num_restarts):
+            restart_seed = None if seed is None else seed + 1000 * restart
+            if restart_seed is not None:
+                pyro.set_rng_seed(restart_seed)
+            self.module = self._make_module(self.setup, **self.module_kwargs)
+            history = self._fit(max_epochs=screen_epochs if screening else max_epochs, seed=restart_seed, **options)
+            monitored = history["validation_loss"] if len(val_idx) else history["train_loss"]
+            candidates.append((float(monitored.min()), self.module, history, restart_seed))
+        self.restart_losses = [c[0] for c in candidates]
+        _, self.module, history, restart_seed = min(candidates, key=lambda c: c[0])
+        if screening:
+            more = self._fit(max_epochs=max_epochs - screen_epochs, seed=restart_seed, **options)
+            more["epoch"] += int(history["epoch"].max())
+            history = pd.concat([history, more], ignore_index=True)
+        self.module.eval()
+        self.history = history
+        return history
+
+    def _fit(self, **options) -> pd.DataFrame:
+        guide = self.guide if self.custom_guide is None else self.custom_guide
+        modules = [self.module] + ([guide] if isinstance(guide, nn.Module) else [])
+        return fit(self.model, guide, self.setup, modules=modules, elbo=self._elbo(), **options)
+
+    # --------------------------------------------------------------------------------------- queries
+    @property
+    def cell_types(self) -> list[str]:
+        return list(self.module_kwargs["cell_types"])
+
+    def _point_estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi and delta at the MAP, or at the posterior median of a custom guide (e.g. an autoguide)."""
+        guide = getattr(self, "custom_guide", None)
+        if guide is None:
+            return self.module.map_pi(), self.module.map_delta()
+        if hasattr(guide, "median"):
+            median = guide.median()
+            return median["pi"], median["delta"]
+        trace = pyro.poutine.trace(guide).get_trace(self.setup.minibatch(np.arange(min(2, self.setup.n_obs))))
+        return trace.nodes["pi"]["value"], trace.nodes["delta"]["value"]
+
+    @torch.no_grad()
+    def predict(self, adata: AnnData | None = None, *, batch_size: int = 4096) -> pd.DataFrame:
+        """Posterior probabilities gamma_nc of each cell type (cells x types), at the point estimate of
+        pi and delta (the MAP; a custom guide's median)."""
+        self._check_trained()
+        setup = self._setup_for(adata)
+        pi_c, delta_m = self._point_estimates()
+        log_pi_c = pi_c.log()
+        delta_cg = self.module.delta_cg(delta_m)
+        out = []
+        for mb in self._minibatches(setup, batch_size):
+            mb = self._design(mb)
+            log_mu_cng = self.module.log_base_mean(mb) + delta_cg.unsqueeze(1)
+            phi_cng = self.module.inverse_dispersion(log_mu_cng)
+            log_lik_cn = NegativeBinomial(log_mu_cng.exp(), phi_cng, validate_args=False).log_prob(mb.x_ng).sum(-1)
+            out.append(torch.softmax(log_lik_cn.T + log_pi_c, -1))
+        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.cell_types)
+
+    def predict_labels(self, adata: AnnData | None = None, *, threshold: float = 0.0) -> pd.Series:
+        """The most probable type of each cell; ``"unassigned"`` where its probability is below ``threshold``."""
+        gamma = self.predict(adata)
+        labels = gamma.idxmax(axis=1).astype(object)
+        labels[gamma.max(axis=1) < threshold] = "unassigned"
+        return labels.rename("cell_type")
+
+    @property
+    def delta(self) -> pd.DataFrame:
+        """The learned marker effects delta_gc (genes x types; 0 where a gene is not a marker)."""
+        self._check_trained()
+        delta_cg = self.module.delta_cg(self._point_estimates()[1].detach()).cpu().numpy()
+        return pd.DataFrame(delta_cg.T, index=self.module_kwargs["marker_genes"], columns=self.cell_types)
