@@ -138,23 +138,36 @@ def _deviance(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor
 
 
 class _Nonzeros:
-    """The entries of ``shape`` where ``value`` (broadcast to ``shape``) is nonzero."""
+    """The entries of ``shape`` where ``value`` (broadcast to ``shape``) is nonzero.
+
+    Held as flat row-major offsets into ``shape`` (one 1-D ``nonzero``); a tensor of the full shape is
+    read at those offsets directly, a broadcast one (e.g. per-gene ``theta``) at offsets computed once
+    per shape and cached.
+    """
 
     def __init__(self, value: torch.Tensor, shape: torch.Size) -> None:
-        self.shape = shape
-        self.coords = (value != 0).expand(shape).nonzero()
+        self.shape = torch.Size(shape)
+        self.flat = (value != 0).expand(self.shape).reshape(-1).nonzero().squeeze(-1)
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self.coords)
+        return len(self.flat)
 
     def _offsets(self, sizes: torch.Size) -> torch.Tensor:
         """Row-major offsets into a tensor of ``sizes`` of these entries of its broadcast to ``shape``."""
         sizes = (1,) * (len(self.shape) - len(sizes)) + tuple(sizes)
-        strides, step = [], 1
-        for size in reversed(sizes):
-            strides.append(step if size != 1 else 0)
-            step = step * size  # not in place: under torch.jit.trace sizes are tensors
-        return self.coords @ torch.tensor(strides[::-1], dtype=self.coords.dtype, device=self.coords.device)
+        if sizes == tuple(self.shape):
+            return self.flat
+        if sizes not in self._cache:
+            offsets = torch.zeros_like(self.flat)
+            remainder, stride = self.flat, 1
+            for size, own in zip(reversed(self.shape), reversed(sizes)):
+                if own != 1:
+                    offsets = offsets + (remainder % size) * stride
+                    stride = stride * own  # not in place: under torch.jit.trace sizes are tensors
+                remainder = remainder // size
+            self._cache[sizes] = offsets
+        return self._cache[sizes]
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """The entries of ``tensor`` broadcast to ``shape``, read from its own (un-expanded) storage."""
@@ -162,8 +175,7 @@ class _Nonzeros:
 
     def scatter(self, dense: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``dense`` broadcast to ``shape``, with these entries replaced by ``values``."""
-        offsets = self._offsets(self.shape)
-        return dense.expand(self.shape).reshape(-1).index_put((offsets,), values).view(self.shape)
+        return dense.expand(self.shape).reshape(-1).index_put((self.flat,), values).view(self.shape)
 
 
 def _nb_zero_log_prob(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
 
-__all__ = ["plot_history", "plot_embedding", "embed_2d"]
+__all__ = ["plot_history", "plot_embedding", "embed_2d", "plot_heatmap", "plot_confusion_matrix"]
 
 
 def plot_history(
@@ -85,5 +85,84 @@ def plot_embedding(
         ax.legend(markerscale=3, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmap(
+    matrix: pd.DataFrame,
+    *,
+    row_groups: Sequence | None = None,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colorbar_label: str = "",
+    ax: matplotlib.axes.Axes | None = None,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """Heatmap of a DataFrame (e.g. cells x types probabilities, cells x topics, genes x types).
+
+    With ``row_groups`` (one label per row, e.g. the true cell type) rows are sorted by group and the
+    groups are marked on the left; many rows are drawn without row labels.
+    """
+    values = matrix
+    groups = None
+    if row_groups is not None:
+        groups = pd.Series(np.asarray(row_groups).astype(str), index=matrix.index)
+        order = np.argsort(groups.to_numpy(), kind="stable")
+        values, groups = matrix.iloc[order], groups.iloc[order]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.0 + 0.6 * values.shape[1], 4.5))
+    else:
+        fig = ax.figure
+    image = ax.imshow(values.to_numpy(), aspect="auto", interpolation="nearest", cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in values.columns], rotation=45, ha="right")
+    if groups is not None:
+        codes = groups.to_numpy()
+        bounds = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+        for b in bounds:
+            ax.axhline(b - 0.5, color="white", linewidth=1)
+        starts = np.r_[0, bounds]
+        stops = np.r_[bounds, len(codes)]
+        ax.set_yticks((starts + stops - 1) / 2, [codes[i] for i in starts])
+    elif values.shape[0] <= 60:
+        ax.set_yticks(range(values.shape[0]), [str(i) for i in values.index])
+    else:
+        ax.set_yticks([])
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(
+    y_true: Sequence,
+    y_pred: Sequence,
+    *,
+    normalize: str | None = "true",
+    ax: matplotlib.axes.Axes | None = None,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """Confusion matrix (rows true, columns predicted), annotated; ``normalize`` as in
+    :func:`pyro_sc.metrics.confusion_matrix`."""
+    from .metrics import confusion_matrix
+
+    table = confusion_matrix(y_true, y_pred, normalize=normalize)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.5 + 0.7 * table.shape[1], 1.2 + 0.6 * table.shape[0]))
+    else:
+        fig = ax.figure
+    ax.imshow(table.to_numpy(), cmap="Blues", vmin=0)
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=45, ha="right")
+    ax.set_yticks(range(table.shape[0]), table.index)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = table.to_numpy().max() or 1
+    for (i, j), value in np.ndenumerate(table.to_numpy()):
+        text = f"{value:.2f}" if normalize else f"{int(value)}"
+        ax.text(j, i, text, ha="center", va="center", color="white" if value > 0.6 * peak else "black", fontsize=8)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig

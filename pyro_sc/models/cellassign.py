@@ -44,6 +44,7 @@ import pyro.distributions as dist
 import torch
 from anndata import AnnData
 from pyro.distributions import constraints
+from pyro.ops.indexing import Vindex
 from pyro.infer import TraceEnum_ELBO
 from pyro.nn import PyroModule
 from torch import nn
@@ -162,6 +163,19 @@ class CellAssignModule(PyroModule):
             log_base_ng = log_base_ng + design_np @ self.beta_gp.T
         return log_base_ng
 
+    def type_means(self, mb: Minibatch, delta_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log mu_cng and phi_cng of every cell under every type: (types, cells, genes) each.
+
+        phi depends on the type only where a gene marks it, so the basis functions are evaluated on the
+        base means and on the marker entries, not on every (type, cell, gene).
+        """
+        log_base_ng = self.log_base_mean(mb)
+        log_mu_cng = log_base_ng + self.delta_cg(delta_m).unsqueeze(-2)
+        phi_cng = self.inverse_dispersion(log_base_ng).unsqueeze(0).repeat(self.n_types, 1, 1)
+        phi_marker_mn = self.inverse_dispersion(log_base_ng[:, self.marker_gene_m].T + delta_m.unsqueeze(-1))
+        phi_cng[self.marker_type_m, :, self.marker_gene_m] = phi_marker_mn
+        return log_mu_cng, phi_cng
+
     def map_pi(self) -> torch.Tensor:
         return torch.softmax(self.pi_logits_c, -1)
 
@@ -176,13 +190,14 @@ class CellAssignModule(PyroModule):
             "delta",
             TruncatedLogNormal(self.delta_log_mean, delta_scale, self.min_delta).expand([self.n_markers]).to_event(1),
         )
-        delta_cg = self.delta_cg(delta_m)
-        log_base_ng = self.log_base_mean(mb)
+        log_mu_cng, phi_cng = self.type_means(mb, delta_m)
+        cell_n = torch.arange(len(mb), device=mb.x_ng.device)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             z_n = pyro.sample("z", dist.Categorical(pi_c), infer={"enumerate": "parallel"})
-            log_mu_ng = log_base_ng + delta_cg[z_n]  # under enumeration: (types, 1, genes) -> (types, cells, genes)
-            phi_ng = self.inverse_dispersion(log_mu_ng)
-            pyro.sample("x", NegativeBinomial(log_mu_ng.exp(), phi_ng, validate_args=False).to_event(1), obs=mb.x_ng)
+            # each cell's row under its type; under enumeration z_n is (types, 1) -> (types, cells, genes)
+            mu_ng = Vindex(log_mu_cng)[z_n, cell_n].exp()
+            phi_ng = Vindex(phi_cng)[z_n, cell_n]
+            pyro.sample("x", NegativeBinomial(mu_ng, phi_ng, validate_args=False).to_event(1), obs=mb.x_ng)
 
     def guide(self, mb: Minibatch):
         pyro.sample("pi", dist.Delta(self.map_pi(), event_dim=1))
@@ -368,7 +383,7 @@ class CellAssign(BaseModel):
         batch_size: int = 1024,
         lr: float = 0.1,
         num_restarts: int = 3,
-        screen_epochs: int = 10,
+        screen_epochs: int = 5,
         early_stopping: bool = True,
         patience: int = 10,
         early_stopping_min_delta: float = 1e-3,
@@ -446,12 +461,9 @@ class CellAssign(BaseModel):
         setup = self._setup_for(adata)
         pi_c, delta_m = self._point_estimates()
         log_pi_c = pi_c.log()
-        delta_cg = self.module.delta_cg(delta_m)
         out = []
         for mb in self._minibatches(setup, batch_size):
-            mb = self._design(mb)
-            log_mu_cng = self.module.log_base_mean(mb) + delta_cg.unsqueeze(1)
-            phi_cng = self.module.inverse_dispersion(log_mu_cng)
+            log_mu_cng, phi_cng = self.module.type_means(self._design(mb), delta_m)
             log_lik_cn = NegativeBinomial(log_mu_cng.exp(), phi_cng, validate_args=False).log_prob(mb.x_ng).sum(-1)
             out.append(torch.softmax(log_lik_cn.T + log_pi_c, -1))
         return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.cell_types)
