@@ -248,6 +248,88 @@ def _mostly_nonzero(value: torch.Tensor) -> bool:
     return value.dtype != torch.float64 and bool((value != 0).float().mean() > 0.5)
 
 
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient of the broadcast shape back to the shape of its (broadcast) input."""
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(tuple(range(lead)))
+    dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class _FusedLogProb(torch.autograd.Function):
+    """log NB (or ZINB) of float32 parameters, with the gradients in closed form from the forward pass.
+
+    Same values as the lgamma fast path (zero term dense in float32, nonzero counts gathered and
+    evaluated in float64), but one pass: autograd's backward is a product per input. With
+    l = log mu - log theta, p = sigmoid(l):
+
+    * d log NB / d mu = (x (1 - p) - theta p) / mu,
+    * d log NB / d theta = digamma(x + theta) - digamma(theta) - softplus(l) + p - x / (theta + mu),
+    * at a zero of the ZINB, with w the posterior weight of the NB component, the NB gradients are
+      scaled by w and d / d zi_logits = sigmoid(-zi_logits) - w; at a nonzero, -sigmoid(zi_logits).
+
+    No second derivatives.
+    """
+
+    @staticmethod
+    def forward(ctx, value, mu, theta, zi_logits):
+        shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *([] if zi_logits is None else [zi_logits.shape]))
+        ctx.shapes = (mu.shape, theta.shape, None if zi_logits is None else zi_logits.shape)
+        logits = mu.log() - theta.log()
+        softplus = F.softplus(logits)
+        p = torch.sigmoid(logits)
+        out = (-theta * softplus).expand(shape).contiguous()  # log NB(0)
+        g_mu = (p - 1).expand(shape).contiguous()
+        g_theta = (p - softplus).expand(shape).contiguous()
+        g_zi = None
+        if zi_logits is not None:
+            log_nb_weight = F.logsigmoid(-zi_logits) + out
+            log_zero = torch.logaddexp(F.logsigmoid(zi_logits), log_nb_weight)
+            w_nb = (log_nb_weight - log_zero).exp()
+            g_zi = (torch.sigmoid(-zi_logits) - w_nb).expand(shape).contiguous()
+            out, g_mu, g_theta = log_zero.expand(shape).contiguous(), g_mu * w_nb, g_theta * w_nb
+
+        nonzeros = _Nonzeros(value, shape)
+        if len(nonzeros):
+            theta64 = theta.double()
+            if theta.numel() < len(nonzeros):  # per-gene theta: its own terms once, then gathered
+                lgamma_t, digamma_t = nonzeros.gather(torch.lgamma(theta64)), nonzeros.gather(torch.digamma(theta64))
+                t = nonzeros.gather(theta64)
+            else:
+                t = nonzeros.gather(theta64)
+                lgamma_t, digamma_t = torch.lgamma(t), torch.digamma(t)
+            x, m = nonzeros.gather(value).double(), nonzeros.gather(mu).double()
+            l = m.log() - t.log()
+            sp, pp = F.softplus(l), torch.sigmoid(l)
+            nb = torch.lgamma(x + t) - lgamma_t - torch.lgamma(x + 1) - t * sp - x * F.softplus(-l)
+            gm = (x * (1 - pp) - t * pp) / m
+            gt = torch.digamma(x + t) - digamma_t - sp + pp - x / (t + m)
+            flat = nonzeros.flat
+            if zi_logits is not None:
+                z = nonzeros.gather(zi_logits)
+                nb = nb + F.logsigmoid(-z.double())
+                g_zi.view(-1).index_put_((flat,), -torch.sigmoid(z))
+            out.view(-1).index_put_((flat,), nb.to(out.dtype))
+            g_mu.view(-1).index_put_((flat,), gm.to(out.dtype))
+            g_theta.view(-1).index_put_((flat,), gt.to(out.dtype))
+        ctx.save_for_backward(g_mu, g_theta, g_zi)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g_mu, g_theta, g_zi = ctx.saved_tensors
+        mu_shape, theta_shape, zi_shape = ctx.shapes
+        grads = [None, _sum_to(grad_out * g_mu, mu_shape), _sum_to(grad_out * g_theta, theta_shape)]
+        grads.append(None if zi_shape is None else _sum_to(grad_out * g_zi, zi_shape))
+        return tuple(grads)
+
+
+def _use_fused(*params: torch.Tensor) -> bool:
+    """The fused float32 path, unless second derivatives could be needed (float64 keeps autograd)."""
+    return all(p.dtype == torch.float32 for p in params) and not torch.jit.is_tracing()
+
+
 def _gamma_poisson_sample(mu: torch.Tensor, theta: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """NB(mu, theta) counts of the given shape, drawn as Poisson(Gamma(theta, rate=theta / mu))."""
     with torch.no_grad():
@@ -310,6 +392,8 @@ class NegativeBinomial(TorchDistribution):
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)
         if self.mu.dtype != torch.float64 and _mostly_nonzero(value):
             return _nb_dense_log_prob(value, self.mu, self.theta).expand(shape)
+        if _use_fused(self.mu, self.theta):
+            return _FusedLogProb.apply(value, self.mu, self.theta, None).expand(shape)
         nonzeros = _Nonzeros(value, shape)
         log_nonzero = _nb_nonzero_log_prob(nonzeros, value, self.mu, self.theta)
         return nonzeros.scatter(_nb_zero_log_prob(self.mu, self.theta), log_nonzero)
@@ -366,12 +450,15 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        dense = _mostly_nonzero(value)
+        if _use_fused(self.mu, self.theta, self.zi_logits) and not dense:
+            return _FusedLogProb.apply(value, self.mu, self.theta, self.zi_logits).expand(shape)
         log_zero = torch.logaddexp(
             F.logsigmoid(self.zi_logits),
             F.logsigmoid(-self.zi_logits) + _nb_zero_log_prob(self.mu, self.theta),
         )
-        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        if self.mu.dtype != torch.float64 and _mostly_nonzero(value):
+        if dense:
             nb = _nb_dense_log_prob(value, self.mu, self.theta)
             return torch.where(value == 0, log_zero, F.logsigmoid(-self.zi_logits) + nb).expand(shape)
         nonzeros = _Nonzeros(value, shape)
