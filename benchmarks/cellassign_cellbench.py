@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,10 +67,7 @@ def main() -> None:
             summary[f"{marker_set}{'_with_batch' if batch else ''}"] = {
                 "accuracy_mean": float(np.mean(acc)), "accuracy_min": float(np.min(acc)), "per_seed": acc,
             }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "runs": rows}, indent=2))
-    print(json.dumps(summary, indent=2))
+    write_results(args.out, {"summary": summary, "runs": rows})
 
 
 if __name__ == "__main__":

@@ -15,12 +15,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _common import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def scvi_tools_worker(path: str, markers_path: str) -> dict:
+    """scvi-tools' CellAssign with its defaults (400 epochs) on the same data and size factors."""
+    import anndata
+    import pandas as pd
+    from scvi.external import CellAssign
+
+    adata = anndata.read_h5ad(path)
+    markers = pd.read_csv(markers_path, index_col=0)
+    adata = adata[:, markers.index].copy()
+    CellAssign.setup_anndata(adata, size_factor_key="size_factor")
+    model = CellAssign(adata, markers)
+    started = time.perf_counter()
+    model.train(accelerator="cpu", enable_progress_bar=False)
+    seconds = time.perf_counter() - started
+    predicted = model.predict().idxmax(axis=1).to_numpy()
+    accuracy = float((predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean())
+    return {"train_seconds": seconds, "accuracy": accuracy}
+
+
+def run_scvi_tools(python: str, adata, markers) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, markers_path = f"{tmp}/sim.h5ad", f"{tmp}/markers.csv"
+        adata.write_h5ad(path)
+        markers.to_csv(markers_path)
+        done = subprocess.run([python, __file__, "--worker", path, markers_path], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -28,8 +63,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--n-cells", type=int, default=10_000)
     parser.add_argument("--num-restarts", type=int, default=3)
+    parser.add_argument("--scvi-tools-python", default=None, help="interpreter of an environment with scvi-tools")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cellassign_speed.json"))
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(scvi_tools_worker(*args.worker)))
+        return
 
     import torch
 
@@ -53,6 +93,10 @@ def main() -> None:
             "delta_correlation": float(np.corrcoef(learned, true_delta.to_numpy()[is_marker])[0, 1]),
             "restart_validation_losses": model.restart_losses,
         }
+        if args.scvi_tools_python:
+            run["scvi_tools"] = run_scvi_tools(args.scvi_tools_python, adata, markers)
+            if "train_seconds" in run["scvi_tools"]:
+                run["time_ratio_vs_scvi_tools"] = seconds / run["scvi_tools"]["train_seconds"]
         runs.append(run)
         print(json.dumps(run), flush=True)
     summary = {
@@ -64,10 +108,7 @@ def main() -> None:
         "reference_scvi_tools_1_4_2": {"epochs": 400, "seconds": 58, "accuracy": [0.75, 0.75, 1.0, 0.85, 1.0]},
         "runs": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    write_results(args.out, summary)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,10 +77,7 @@ def main() -> None:
         "reference_scvi_tools_1_4_2": {"ari_resolution_1": "0.574 +- 0.043", "ari_best_over_grid": 0.76, "ilisi_median": 1.80},
         "runs": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    write_results(args.out, summary)
 
 
 if __name__ == "__main__":
