@@ -109,14 +109,15 @@ def test_bad_options_are_named(simulated):
 
 @pytest.mark.slow
 def test_ifnb_latent_separates_cell_types_and_mixes_conditions():
-    """Real data: 2,800 PBMCs, 13 curated types, CTRL / STIM. A short run must already beat a
-    PCA baseline's Leiden ARI and mix the conditions (median iLISI well above 1)."""
+    """Real data: 2,800 PBMCs, 13 curated types, CTRL / STIM. A short run (60 epochs, KL warm-up over
+    20) must already separate the types (Leiden ARI > 0.45 at resolution 1) and mix the conditions
+    (median iLISI > 1.5 of at most 2)."""
     try:
         adata = datasets.load_ifnb(n_top_genes=2000)
     except FileNotFoundError:
         pytest.skip("ifnb_2800 not in the data directory")
     model = pyro_sc.SCVI(adata, batch_key="condition")
-    model.train(max_epochs=60, progress_bar=False, seed=0)
+    model.train(max_epochs=60, n_epochs_kl_warmup=20, progress_bar=False, seed=0)  # KL fully on by epoch 20
     latent_nk = model.get_latent_representation()
     labels_n = adata.obs["cell_type"].astype(str).to_numpy()
     ari = metrics.clustering_scores(latent_nk, labels_n, resolution=1.0)["ari"]
