@@ -1,6 +1,6 @@
 """Evaluation metrics for single-cell embeddings and label predictions.
 
-Three families:
+Four families:
 
 * **Label transfer** -- :func:`accuracy`, :func:`balanced_accuracy`, :func:`per_type_recall`,
   :func:`confusion_matrix` (numpy / pandas only).
@@ -9,6 +9,8 @@ Three families:
   against known labels with the adjusted Rand index and normalised mutual information.
 * **Mixing** -- :func:`lisi` (Local Inverse Simpson's Index, Korsunsky et al. 2019), its aliases
   :func:`ilisi` / :func:`clisi`, :func:`pairwise_ilisi` and :func:`batch_mixing_summary`.
+* **Model fit** -- :func:`marginal_log_likelihood`: held-out log p(x_n) of any model / guide pair by
+  importance sampling, enumerated discrete latents summed out exactly (torch / Pyro only).
 
 The clustering and LISI functions need the optional ``analysis`` extra (scanpy, scikit-learn,
 leidenalg, igraph); they import it lazily and raise an :class:`ImportError` naming
@@ -17,13 +19,23 @@ leidenalg, igraph); they import it lazily and raise an :class:`ImportError` nami
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
-from collections.abc import Sequence
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from pyro import poutine
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.util import prune_subsample_sites
+
+from .data import AnnDataSetup, Minibatch, iterate_minibatches
 
 __all__ = [
     "accuracy",
@@ -39,6 +51,7 @@ __all__ = [
     "clisi",
     "pairwise_ilisi",
     "batch_mixing_summary",
+    "marginal_log_likelihood",
 ]
 
 _ANALYSIS_HINT = "pip install pyro_sc[analysis]"
@@ -212,6 +225,29 @@ def _neighbours_adata(embedding_nk: Any, n_neighbors: int, seed: int) -> Any:
     return adata
 
 
+def _louvain(connectivities: Any, resolution: float, seed: int) -> np.ndarray:
+    """Louvain (igraph's ``community_multilevel``, modularity with ``resolution``) on a symmetric
+    weighted adjacency matrix; clusters numbered by decreasing size. igraph draws its vertex orders
+    from a ``random.Random(seed)`` installed for the call (then Python's ``random`` again, its default)."""
+    import random
+
+    igraph = _import_optional("igraph", "Louvain clustering")
+    sparse = _import_optional("scipy.sparse", "Louvain clustering")
+    upper = sparse.triu(sparse.csr_matrix(connectivities), k=1).tocoo()  # each undirected edge once
+    graph = igraph.Graph(n=connectivities.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist())
+    graph.es["weight"] = upper.data.astype(np.float64).tolist()
+    igraph.set_random_number_generator(random.Random(seed))
+    try:
+        partition = graph.community_multilevel(weights="weight", resolution=resolution)
+        membership = np.asarray(partition.membership)
+    finally:
+        igraph.set_random_number_generator(random)
+    _, first, codes, sizes = np.unique(membership, return_index=True, return_inverse=True, return_counts=True)
+    rank = np.empty(len(sizes), dtype=np.int64)
+    rank[np.lexsort((first, -sizes))] = np.arange(len(sizes))  # biggest first, ties by first cell
+    return rank[codes]
+
+
 def _cluster_adata(adata: Any, resolution: float, method: str, seed: int) -> np.ndarray:
     sc = _import_optional("scanpy", "Graph clustering")
     key = "_pyro_sc_cluster"
@@ -227,14 +263,7 @@ def _cluster_adata(adata: Any, resolution: float, method: str, seed: int) -> np.
             directed=False,
         )
     elif method == "louvain":
-        try:
-            importlib.import_module("louvain")
-        except ImportError as err:
-            raise ImportError(
-                "method='louvain' needs the 'louvain' package, which pyro_sc does not install "
-                "(`pip install louvain`); use method='leiden' instead."
-            ) from err
-        sc.tl.louvain(adata, resolution=resolution, random_state=seed, key_added=key)
+        return _louvain(adata.obsp["connectivities"], resolution, seed)
     else:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     return adata.obs[key].astype(int).to_numpy()
@@ -257,8 +286,10 @@ def cluster_embedding(
 
     Builds scanpy's kNN graph (``sc.pp.neighbors(use_rep=..., n_neighbors=...)``, UMAP
     connectivities) on a throwaway AnnData and runs ``sc.tl.leiden`` (``flavor="igraph"``,
-    ``n_iterations=2``, undirected) or ``sc.tl.louvain`` (needs the separately installed
-    ``louvain`` package). ``seed`` seeds both the neighbour search and the clustering.
+    ``n_iterations=2``, undirected) or Louvain: python-igraph's ``Graph.community_multilevel``
+    (modularity at ``resolution``) on the same connectivities, each edge once with its weight -- the
+    algorithm of ``sc.tl.louvain`` without its extra ``louvain`` package. ``seed`` seeds both the
+    neighbour search and the clustering.
     """
     _check_method(method)
     adata = _neighbours_adata(embedding_nk, n_neighbors, seed)
@@ -605,3 +636,235 @@ def batch_mixing_summary(
         )
     out["perplexity"] = float(perplexity)
     return out
+
+
+
+# ----------------------------------------------------------------------------------------------
+# marginal log-likelihood
+# ----------------------------------------------------------------------------------------------
+_CELLS = "cells"
+_ROWS_PER_PASS = 8192  # (cells x importance samples) per pass of the model, by default
+
+
+def _in_cells_plate(site: dict) -> bool:
+    return any(frame.name == _CELLS and frame.vectorized for frame in site["cond_indep_stack"])
+
+
+def _local_sites(name: str, site: dict) -> bool:
+    return _in_cells_plate(site)
+
+
+def _replicate(mb: Minibatch, n_copies: int) -> Minibatch:
+    """The minibatch with its cells stacked ``n_copies`` times: copy s of cell n is row ``s * len(mb) + n``.
+
+    Tensor fields are repeated along their first (cells) dimension, and so are the tensors of
+    ``mb.extra`` whose first dimension is the number of cells.
+    """
+    n = len(mb)
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(n_copies, *([1] * (t.dim() - 1)))
+
+    fields = {name: repeat(v) for name, v in vars(mb).items() if isinstance(v, torch.Tensor)}
+    extra = {
+        k: repeat(v) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+        for k, v in mb.extra.items()
+    }
+    return dataclasses.replace(mb, extra=extra, **fields)
+
+
+def _global_trace(
+    model: Callable, guide: Callable, mb: Minibatch, first_available_dim: int
+) -> tuple[poutine.Trace, bool]:
+    """One run of the guide reduced to its sample sites outside the cells plate (the global latents),
+    and whether the cells' importance weights are random: whether the guide samples inside the plate,
+    or the model samples there a latent that is neither in the guide nor enumerated (drawn from its prior)."""
+    guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(mb))
+    enumerated = poutine.enum(model, first_available_dim=first_available_dim)
+    model_trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(mb)
+    random_weights = any(
+        site["type"] == "sample" and _in_cells_plate(site) for site in guide_trace.nodes.values()
+    ) or any(
+        site["type"] == "sample" and _in_cells_plate(site) and not site["is_observed"]
+        and name not in guide_trace.nodes and site["infer"].get("_enumerate_dim") is None
+        for name, site in prune_subsample_sites(model_trace).nodes.items()
+    )
+    for name, site in list(guide_trace.nodes.items()):
+        if site["type"] != "sample" or _in_cells_plate(site):
+            guide_trace.remove_node(name)
+    return guide_trace, random_weights
+
+
+def _log_importance_weights(
+    model: Callable, guide: Callable, mb: Minibatch, first_available_dim: int
+) -> torch.Tensor:
+    """``log p(x_n, h_n) - log q(h_n | x_n)`` of every row of ``mb`` at one draw of the guide, with the
+    model's enumerated discrete sites summed out exactly: (rows,)."""
+    guide_trace = poutine.trace(guide).get_trace(mb)
+    enumerated = poutine.enum(model, first_available_dim=first_available_dim)
+    model_trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(mb)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    guide_trace.compute_log_prob(_local_sites)
+    model_trace.compute_log_prob(_local_sites)
+    guide_trace.pack_tensors()
+    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+
+    def ordinal(trace, site) -> frozenset:
+        return frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+
+    tensor_tree: OrderedDict = OrderedDict()
+    sum_dims: set = set()
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        is_enumerated = site["infer"].get("_enumerate_dim") is not None
+        if not _in_cells_plate(site):
+            if is_enumerated:
+                raise ValueError(
+                    f"site {name!r} is enumerated outside the {_CELLS!r} plate: a global discrete latent "
+                    "cannot be summed out cell by cell"
+                )
+            continue  # a global latent, held at the guide's value; its prior is not a cell's term
+        if is_enumerated:
+            sum_dims.add(site["infer"]["_enumerate_symbol"])
+        elif not site["is_observed"] and name not in guide_trace.nodes:
+            continue  # a local latent the guide leaves out is drawn from its prior, its proposal: p / q = 1
+        packed_site = site["packed"]
+        log_p = packed.scale_and_mask(packed_site["unscaled_log_prob"], mask=packed_site["mask"])
+        tensor_tree.setdefault(ordinal(model_trace, site), []).append(log_p)
+    if not tensor_tree:
+        raise ValueError(f"the model has no sample site inside a plate named {_CELLS!r}")
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and _in_cells_plate(site):
+            packed_site = site["packed"]
+            log_q = packed.scale_and_mask(packed_site["unscaled_log_prob"], mask=packed_site["mask"])
+            minus_log_q = packed.neg(log_q)
+            tensor_tree.setdefault(ordinal(guide_trace, site), []).append(minus_log_q)
+
+    cells = model_trace.plate_to_symbol[_CELLS]
+    log_w = contract_to_tensor(tensor_tree, sum_dims, target_ordinal=frozenset({cells}))
+    if not set(log_w._pyro_dims) <= {cells}:  # pragma: no cover - contract_to_tensor guarantees it
+        raise RuntimeError(f"unexpected dimensions {log_w._pyro_dims!r} after the contraction")
+    return torch.broadcast_to(log_w.reshape(-1), (len(mb),))
+
+
+@torch.no_grad()
+def marginal_log_likelihood(
+    model: Callable,
+    guide: Callable,
+    data: AnnDataSetup,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    n_samples: int = 100,
+    batch_size: int = 128,
+    particles_per_pass: int | None = None,
+    max_plate_nesting: int = 1,
+    modules: Sequence[torch.nn.Module] = (),
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+) -> np.ndarray:
+    r"""Importance-sampling estimate of each cell's marginal log-likelihood :math:`\log p(x_n)`.
+
+    With the guide as proposal for the cell's local latents :math:`h_n` (the sites inside the
+    ``cells`` plate, amortised or not),
+
+    .. math::
+
+        \log \hat p(x_n) = \log \frac1K \sum_{k=1}^K
+            \frac{p(x_n, h_n^{(k)})}{q(h_n^{(k)} \mid x_n)}, \qquad h_n^{(k)} \sim q(\cdot \mid x_n),
+
+    a stochastic lower bound (in expectation) of :math:`\log p(x_n)` that tightens as ``n_samples``
+    :math:`= K` grows (Burda et al. 2016); with K = 1 it is an unbiased estimate of the cell's ELBO.
+    It is exact for any K when the guide is the exact posterior.
+
+    **Discrete latents.** Sites the model marks ``infer={"enumerate": "parallel"}`` (e.g. CellAssign's
+    cell type) are not sampled: the model is run under ``poutine.enum(first_available_dim=
+    -(max_plate_nesting + 1))``, replayed against the guide's draw, and every log-density inside the
+    cells plate is broadcast to the enumeration grid and summed out exactly -- a log-sum-exp over the
+    enumeration dimensions, per cell, by Pyro's tensor contraction (``pyro.ops.contract``), exactly as
+    ``TraceEnum_ELBO`` does. A site enumerated outside the cells plate is an error.
+
+    **Global latents.** Sample sites outside the cells plate (e.g. CellAssign's MAP ``pi`` and ``delta``,
+    or a decoder's weights) are held at one draw of the guide -- its value for a ``Delta`` / MAP guide
+    -- for all cells and samples; their prior terms are *not* part of a cell's likelihood. The result
+    is thus :math:`\log p(x_n \mid \text{globals})`, as in scvi-tools' ``get_marginal_ll``.
+
+    Log-densities are unscaled (the plate's minibatch scale and ``poutine.scale``, e.g. the KL warm-up
+    weight, are ignored) and masked by the sites' masks. A local latent the model samples but the guide
+    leaves out (and the model does not enumerate) is drawn from its prior, which is then its proposal.
+    When nothing random is drawn inside the cells plate (e.g. CellAssign: its only local latent is
+    enumerated) the weights are deterministic and one draw is used whatever ``n_samples``.
+
+    Parameters
+    ----------
+    model, guide
+        Callables taking one :class:`~pyro_sc.data.Minibatch`, cells in
+        ``pyro.plate("cells", mb.n_obs, subsample=mb.idx_n)`` (as for :func:`pyro_sc.fit`).
+    data, indices
+        The registered AnnData and the positions of the cells to score (default: all).
+    n_samples
+        Importance samples K per cell.
+    batch_size, particles_per_pass
+        Cells per minibatch and samples evaluated together: each pass runs the model once on the
+        minibatch's cells stacked ``particles_per_pass`` times (default ``8192 // batch_size``), which
+        bounds the memory whatever K.
+    max_plate_nesting
+        The model's number of nested plates (the cells plate included); enumeration uses the dims left
+        of them.
+    modules
+        ``nn.Module`` s put in eval mode (dropout off, batch-norm running statistics) for the estimate.
+    device
+        Where the minibatches go.
+    seed
+        Seeds the samples (the global torch RNG is left as it was); ``None``: not seeded.
+
+    Returns
+    -------
+    ``log p(x_n)`` estimates, float64, one per cell of ``indices`` in that order.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_plate_nesting < 1:
+        raise ValueError(f"max_plate_nesting must be >= 1 (the cells plate), got {max_plate_nesting}")
+    indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64).ravel()
+    if len(indices) == 0:
+        raise ValueError("no cells to score: indices is empty")
+    if indices.min() < 0 or indices.max() >= data.n_obs:
+        raise IndexError(f"indices must lie in [0, {data.n_obs - 1}]")
+    per_pass = particles_per_pass if particles_per_pass is not None else max(1, _ROWS_PER_PASS // batch_size)
+    if per_pass < 1:
+        raise ValueError(f"particles_per_pass must be >= 1, got {per_pass}")
+    device = torch.device(device)
+    first_available_dim = -(max_plate_nesting + 1)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    rng_devices = []  # whose RNG state fork_rng restores
+    if device.type == "cuda":
+        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    try:
+        with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            first = data.minibatch(indices[: min(batch_size, len(indices))], device=device)
+            global_trace, random_weights = _global_trace(model, guide, first, first_available_dim)
+            guide = poutine.replay(guide, trace=global_trace)
+            n_draws = n_samples if random_weights else 1
+            out = []
+            for idx in iterate_minibatches(indices, batch_size, shuffle=False):
+                mb = data.minibatch(idx, device=device)
+                log_w = []  # (draws, cells) blocks
+                for start in range(0, n_draws, per_pass):
+                    n_copies = min(per_pass, n_draws - start)
+                    copies = _replicate(mb, n_copies)
+                    rows = _log_importance_weights(model, guide, copies, first_available_dim)
+                    log_w.append(rows.reshape(n_copies, len(idx)).double())
+                log_w_kn = torch.cat(log_w)
+                out.append(torch.logsumexp(log_w_kn, 0) - math.log(n_draws))
+            return torch.cat(out).cpu().numpy()
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)

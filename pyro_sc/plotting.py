@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
 
-__all__ = ["plot_history", "plot_embedding", "embed_2d", "plot_heatmap", "plot_confusion_matrix"]
+__all__ = ["plot_history", "plot_embedding", "embed_2d", "plot_heatmap", "plot_confusion_matrix", "plot_lisi"]
 
 
 def plot_history(
@@ -162,6 +162,48 @@ def plot_confusion_matrix(
     for (i, j), value in np.ndenumerate(table.to_numpy()):
         text = f"{value:.2f}" if normalize else f"{int(value)}"
         ax.text(j, i, text, ha="center", va="center", color="white" if value > 0.6 * peak else "black", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lisi(
+    lisi_by_model: dict[str, np.ndarray] | pd.DataFrame,
+    *,
+    kind: str = "iLISI",
+    ax: matplotlib.axes.Axes | None = None,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """Per-cell LISI of several models side by side: one violin per model, its median marked and written.
+
+    ``lisi_by_model`` maps a model's name to its per-cell values (e.g. :func:`pyro_sc.metrics.ilisi` of
+    its latent), or is a DataFrame with one column per model (NaNs dropped). ``kind`` labels the axis
+    (``"iLISI"``: higher is better mixed; ``"cLISI"``: lower is purer).
+    """
+    if isinstance(lisi_by_model, pd.DataFrame):
+        columns = {str(name): lisi_by_model[name].dropna().to_numpy() for name in lisi_by_model.columns}
+    else:
+        columns = {str(name): np.asarray(v, dtype=float).ravel() for name, v in lisi_by_model.items()}
+    if not columns:
+        raise ValueError("lisi_by_model is empty")
+    empty = [name for name, values in columns.items() if values.size == 0]
+    if empty:
+        raise ValueError(f"no LISI values for {empty}")
+    names, values = list(columns), list(columns.values())
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 3.8))
+    else:
+        fig = ax.figure
+    positions = np.arange(1, len(names) + 1)
+    parts = ax.violinplot(values, positions=positions, showmedians=True, showextrema=False)
+    for body in parts["bodies"]:
+        body.set_alpha(0.6)
+    for x, v in zip(positions, values):
+        ax.annotate(f"{np.median(v):.2f}", (x, np.median(v)), xytext=(0, 4), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(positions, names, rotation=30 if max(map(len, names)) > 8 else 0, ha="center")
+    ax.set_ylabel(f"{kind} per cell")
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 from anndata import AnnData
 from pyro.infer import ELBO, TraceEnum_ELBO
@@ -24,6 +25,7 @@ from pyro.nn import PyroModule
 from .. import __version__
 from ..data import AnnDataSetup, Minibatch, iterate_minibatches
 from ..infer import fit
+from ..metrics import marginal_log_likelihood
 
 __all__ = ["BaseModel"]
 
@@ -79,9 +81,14 @@ class BaseModel:
     def train(self, **fit_kwargs: Any) -> pd.DataFrame:
         """Train with :func:`pyro_sc.infer.fit`; the method's defaults are overridden by ``fit_kwargs``.
 
-        Training again continues from the current parameters; ``history`` gets the new epochs appended.
+        The first ``train`` with a ``seed`` builds the parameters under that seed, so the same seed and
+        data give the same model. Training again continues from the current parameters; ``history``
+        gets the new epochs appended.
         """
         options = {**self._train_defaults(), **fit_kwargs}
+        if not self.is_trained and options.get("seed") is not None:
+            pyro.set_rng_seed(options["seed"])
+            self.module = self._make_module(self.setup, **self.module_kwargs)
         self.device = torch.device(options.get("device", "cpu"))
         history = fit(
             self.model,
@@ -114,6 +121,31 @@ class BaseModel:
         self.module.eval()
         for idx in iterate_minibatches(np.arange(setup.n_obs), batch_size, shuffle=False):
             yield setup.minibatch(idx, device=self.device)
+
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 100,
+        batch_size: int = 128,
+        seed: int | None = 0,
+    ) -> float:
+        """Mean over the cells of ``adata`` (default: the training data) of the importance-sampling
+        estimate of ``log p(x_n)`` with ``n_samples`` draws of the guide per cell; higher is better.
+
+        New data is registered as the training data was (same genes, known batches), e.g. held-out
+        cells. Global latents are held at the guide's value (the MAP for a MAP guide) and enumerated
+        discrete latents are summed out exactly; see :func:`pyro_sc.metrics.marginal_log_likelihood`.
+        ``seed`` makes the estimate reproducible (the global RNG is left as it was); ``None`` draws afresh.
+        """
+        self._check_trained()
+        setup = self._setup_for(adata)
+        ll_n = marginal_log_likelihood(
+            self.model, self.guide, setup, n_samples=n_samples, batch_size=batch_size,
+            max_plate_nesting=self.module.max_plate_nesting, modules=[self.module], device=self.device,
+            seed=seed,
+        )
+        return float(ll_n.mean())
 
     # ------------------------------------------------------------------------------ saving, loading
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
