@@ -11,7 +11,7 @@ import pyro
 
 pyro.settings.set(module_local_params=True)
 
-from . import datasets, settings  # noqa: E402
+from . import datasets, de, settings  # noqa: E402
 from .data import AnnDataSetup, DataError, Minibatch  # noqa: E402
 from .distributions import NegativeBinomial, ZeroInflatedNegativeBinomial  # noqa: E402
 from .infer import TrainingError, fit  # noqa: E402
@@ -27,6 +27,7 @@ __all__ = [
     "TrainingError",
     "ZeroInflatedNegativeBinomial",
     "datasets",
+    "de",
     "fit",
     "settings",
 ]

@@ -296,3 +296,14 @@ class SCVI(BaseModel):
         if not return_mean:
             return rho_sng
         return pd.DataFrame(rho_sng.mean(0), index=setup.obs_names, columns=genes[gene_idx])
+
+    def differential_expression(self, adata: AnnData | None = None, **kwargs) -> pd.DataFrame:
+        """Differential expression between two groups of cells (``groupby``, ``group1``, ``group2``, ...).
+
+        Delegates to :func:`pyro_sc.de.differential_expression`, which documents every option.
+
+        >>> model.differential_expression(groupby="cell_type", group1="B", group2="CD14 Mono")
+        """
+        from ..de import differential_expression
+
+        return differential_expression(self, adata, **kwargs)
