@@ -81,13 +81,18 @@ def main() -> None:
         }
         runs.append(run)
         print(json.dumps(run), flush=True)
+        write_results(args.out, summarise(runs, args))  # after every seed: an interrupted run keeps its seeds
 
+
+def summarise(runs: list[dict], args: argparse.Namespace) -> dict:
+    """Means and SDs over the seeds run so far, the reference, and the runs."""
     summary = {
         "data": "ifnb_2800, 2,000 seurat_v3 HVGs (batch_key=condition); 75 / 25 split per seed",
         "model": "SCVI(batch_key='condition'), defaults",
         "n_importance_samples": args.n_samples,
         "clustering": "Leiden, 15 neighbours, resolution 1.0, on the latent means of all cells",
-        "seeds": args.seeds,
+        "seeds": [r["seed"] for r in runs],
+        "seeds_requested": args.seeds,
     }
     for key in SUMMARISED:
         values = np.array([r[key] for r in runs], dtype=float)
@@ -95,7 +100,7 @@ def main() -> None:
         summary[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     summary["reference_scvi_tools_1_4_2"] = REFERENCE
     summary["runs"] = runs
-    write_results(args.out, summary)
+    return summary
 
 
 if __name__ == "__main__":
