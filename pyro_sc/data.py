@@ -48,16 +48,6 @@ class Minibatch:
     kl_weight: float = 1.0  # KL annealing weight set by the driver (1 outside warm-up)
     extra: dict = field(default_factory=dict)  # method-specific tensors (e.g. a design matrix)
 
-    def to(self, device: torch.device | str) -> "Minibatch":
-        """The same minibatch with every tensor on ``device``."""
-        moved = {
-            name: value.to(device)
-            for name, value in self.__dict__.items()
-            if isinstance(value, torch.Tensor)
-        }
-        extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
-        return replace(self, extra=extra, **moved)
-
     def with_kl_weight(self, kl_weight: float) -> "Minibatch":
         return replace(self, kl_weight=kl_weight)
 
