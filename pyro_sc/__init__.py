@@ -11,23 +11,27 @@ import pyro
 
 pyro.settings.set(module_local_params=True)
 
-from . import datasets, de, settings  # noqa: E402
+from . import datasets, de, nmf, settings  # noqa: E402
 from .data import AnnDataSetup, DataError, Minibatch  # noqa: E402
 from .distributions import NegativeBinomial, ZeroInflatedNegativeBinomial  # noqa: E402
 from .infer import TrainingError, fit  # noqa: E402
-from .models import SCVI, CellAssign  # noqa: E402
+from .models import CAPVI, ETM, SCANVI, SCVI, CellAssign  # noqa: E402
 
 __all__ = [
     "AnnDataSetup",
+    "CAPVI",
     "CellAssign",
     "DataError",
+    "ETM",
     "Minibatch",
     "NegativeBinomial",
+    "SCANVI",
     "SCVI",
     "TrainingError",
     "ZeroInflatedNegativeBinomial",
     "datasets",
     "de",
     "fit",
+    "nmf",
     "settings",
 ]

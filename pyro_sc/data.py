@@ -10,6 +10,7 @@ The user's AnnData is never modified.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -19,13 +20,17 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-__all__ = ["AnnDataSetup", "DataError", "Minibatch", "iterate_minibatches", "split_indices"]
+__all__ = ["AnnDataSetup", "DataError", "DataWarning", "Minibatch", "iterate_minibatches", "split_indices"]
 
 CHUNK_ROWS = 8192  # rows read at a time when scanning a whole matrix (validation, library statistics)
 
 
 class DataError(ValueError):
     """The AnnData handed to a model cannot be used as it is; the message names the problem."""
+
+
+class DataWarning(UserWarning):
+    """The AnnData can be used, but something in it is probably not what the user meant."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,9 @@ class AnnDataSetup:
     allow_empty_cells
         Accept cells whose counts are all zero (e.g. over a panel of marker genes, when the size
         factors come from all genes). Off by default: such cells carry no information for most models.
+    allow_empty_genes
+        Genes with zero counts in every cell are fitted (to zero) harmlessly but waste time, so they get
+        a :class:`DataWarning` unless this is set (as for new data, where a few cells may miss a gene).
     batch_categories, label_categories, categorical_covariate_categories
         Fixed category orders (used when a trained model meets new data); values outside them are an error.
     """
@@ -122,6 +130,7 @@ class AnnDataSetup:
         continuous_covariate_keys: Sequence[str] | None = None,
         allow_non_integer: bool = False,
         allow_empty_cells: bool = False,
+        allow_empty_genes: bool = False,
         batch_categories: Sequence | None = None,
         label_categories: Sequence | None = None,
         categorical_covariate_categories: dict[str, Sequence] | None = None,
@@ -140,6 +149,7 @@ class AnnDataSetup:
         self.continuous_covariate_keys = list(continuous_covariate_keys or [])
         self.allow_non_integer = allow_non_integer
         self.allow_empty_cells = allow_empty_cells
+        self.allow_empty_genes = allow_empty_genes
 
         self.matrix = self._find_matrix()
         self.var_names = pd.Index(adata.var_names.astype(str))
@@ -242,11 +252,13 @@ class AnnDataSetup:
         return sf.astype(np.float32)
 
     def _check_counts(self) -> np.ndarray:
-        """Scan the counts once, by chunks of rows; return each cell's total count (and note the largest count)."""
+        """Scan the counts once, by chunks of rows; return each cell's total count (and note the largest
+        count). Cells without counts are an error, genes without counts a warning (see the class doc)."""
         where = "adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]"
         if self.matrix.shape != (self.adata.n_obs, self.adata.n_vars):
             raise DataError(f"{where} has shape {self.matrix.shape}, expected {self.adata.shape}")
         library = np.empty(self.adata.n_obs, dtype=np.float64)
+        gene_total = np.zeros(self.adata.n_vars, dtype=np.float64)
         self.max_count = 0.0
         for rows in _chunks(self.adata.n_obs):
             block = self.matrix[rows]
@@ -265,6 +277,7 @@ class AnnDataSetup:
                         "allow_non_integer=True for e.g. ambient-corrected counts)"
                     )
             library[rows] = np.asarray(block.sum(axis=1)).ravel()
+            gene_total += np.asarray(block.sum(axis=0)).ravel()
             if values.size:
                 self.max_count = max(self.max_count, float(values.max()))
         zero = library == 0
@@ -272,6 +285,15 @@ class AnnDataSetup:
             raise DataError(
                 f"{int(zero.sum())} cells have zero total counts (first: {list(self.obs_names[zero][:5])}); "
                 "remove them first, e.g. scanpy.pp.filter_cells(adata, min_counts=1)"
+            )
+        empty_genes = gene_total == 0
+        if empty_genes.any() and not self.allow_empty_genes:
+            warnings.warn(
+                f"{where}: {int(empty_genes.sum())} genes have zero counts in every cell (first: "
+                f"{list(self.var_names[empty_genes][:5])}); they carry no information: remove them first, "
+                "e.g. scanpy.pp.filter_genes(adata, min_cells=1)",
+                DataWarning,
+                stacklevel=3,
             )
         return library
 
@@ -362,6 +384,7 @@ class AnnDataSetup:
 
         The genes must be the same, in the same order; batches and covariate categories must be among
         the known ones. Labels are read only when ``adata`` has the labels column (or ``require_labels``).
+        Genes without counts in these cells are expected (few cells), not warned about.
         """
         var_names = pd.Index(registry["var_names"])
         new_var = pd.Index(adata.var_names.astype(str))
@@ -371,7 +394,12 @@ class AnnDataSetup:
             if len(missing) == 0 and len(extra) == 0:
                 detail = "the same genes in a different order; reorder with adata[:, model_genes]"
             else:
-                detail = f"{len(missing)} model genes missing (e.g. {list(missing[:5])}), {len(extra)} extra"
+                parts = []
+                if len(missing):
+                    parts.append(f"{len(missing)} model genes missing (e.g. {list(missing[:5])})")
+                if len(extra):
+                    parts.append(f"{len(extra)} genes the model does not know (e.g. {list(extra[:5])})")
+                detail = ", ".join(parts)
             raise DataError(f"the genes of this AnnData do not match the model's: {detail}")
         labels_key = registry["labels_key"]
         if labels_key is not None and labels_key not in adata.obs.columns and not require_labels:
@@ -387,6 +415,7 @@ class AnnDataSetup:
             continuous_covariate_keys=registry["continuous_covariate_keys"],
             allow_non_integer=registry["allow_non_integer"],
             allow_empty_cells=registry.get("allow_empty_cells", False),
+            allow_empty_genes=True,
             batch_categories=registry["batch_categories"],
             label_categories=registry["label_categories"] if labels_key is not None else None,
             categorical_covariate_categories=registry["categorical_covariate_categories"],

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from pyro import poutine
 from pyro.ops import packed
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.util import prune_subsample_sites
 
@@ -699,9 +700,10 @@ def _log_importance_weights(
     model: Callable, guide: Callable, mb: Minibatch, first_available_dim: int
 ) -> torch.Tensor:
     """``log p(x_n, h_n) - log q(h_n | x_n)`` of every row of ``mb`` at one draw of the guide, with the
-    model's enumerated discrete sites summed out exactly: (rows,)."""
-    guide_trace = poutine.trace(guide).get_trace(mb)
-    enumerated = poutine.enum(model, first_available_dim=first_available_dim)
+    enumerated discrete sites (of the model or of the guide) summed out exactly: (rows,)."""
+    # As TraceEnum_ELBO: the guide enumerates from first_available_dim, the model to the left of it.
+    guide_trace = poutine.trace(EnumMessenger(first_available_dim=first_available_dim)(guide)).get_trace(mb)
+    enumerated = EnumMessenger()(model)  # keeps the enumeration allocator's state after the guide
     model_trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(mb)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
@@ -736,7 +738,8 @@ def _log_importance_weights(
     if not tensor_tree:
         raise ValueError(f"the model has no sample site inside a plate named {_CELLS!r}")
     for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and _in_cells_plate(site):
+        if site["type"] == "sample" and _in_cells_plate(site) and site["infer"].get("_enumerate_dim") is None:
+            # (a site the guide enumerates is summed over, not proposed: no -log q for it)
             packed_site = site["packed"]
             log_q = packed.scale_and_mask(packed_site["unscaled_log_prob"], mask=packed_site["mask"])
             minus_log_q = packed.neg(log_q)
@@ -778,12 +781,17 @@ def marginal_log_likelihood(
     :math:`= K` grows (Burda et al. 2016); with K = 1 it is an unbiased estimate of the cell's ELBO.
     It is exact for any K when the guide is the exact posterior.
 
-    **Discrete latents.** Sites the model marks ``infer={"enumerate": "parallel"}`` (e.g. CellAssign's
-    cell type) are not sampled: the model is run under ``poutine.enum(first_available_dim=
-    -(max_plate_nesting + 1))``, replayed against the guide's draw, and every log-density inside the
-    cells plate is broadcast to the enumeration grid and summed out exactly -- a log-sum-exp over the
-    enumeration dimensions, per cell, by Pyro's tensor contraction (``pyro.ops.contract``), exactly as
-    ``TraceEnum_ELBO`` does. A site enumerated outside the cells plate is an error.
+    **Discrete latents.** Sites marked ``infer={"enumerate": "parallel"}`` are not sampled. In the model
+    (e.g. CellAssign's cell type) they are enumerated to the left of the guide's dimensions, the model
+    replayed against the guide's draw, and every log-density inside the cells plate is broadcast to the
+    enumeration grid and summed out exactly -- a log-sum-exp over the enumeration dimensions, per cell,
+    by Pyro's tensor contraction (``pyro.ops.contract``), as ``TraceEnum_ELBO`` does. In the guide
+    (e.g. the semi-supervised VAE's cell type :math:`c`, on which the continuous proposal depends) the
+    guide is enumerated from ``-(max_plate_nesting + 1)``; such a site is summed over rather than
+    proposed, so its :math:`q(c \mid x)` cancels and the estimate is
+    :math:`\log \frac1K \sum_k \sum_c p(x, c, h^{(k)}_c) / q(h^{(k)}_c \mid x, c)` (this needs the
+    guide's enumerated distribution to have full support). A site enumerated outside the cells plate is
+    an error.
 
     **Global latents.** Sample sites outside the cells plate (e.g. CellAssign's MAP ``pi`` and ``delta``,
     or a decoder's weights) are held at one draw of the guide -- its value for a ``Delta`` / MAP guide

@@ -10,7 +10,10 @@ import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
 
-__all__ = ["plot_history", "plot_embedding", "embed_2d", "plot_heatmap", "plot_confusion_matrix", "plot_lisi"]
+__all__ = [
+    "plot_history", "plot_embedding", "embed_2d", "plot_heatmap", "plot_confusion_matrix", "plot_lisi", "plot_trace",
+    "plot_embeddings",
+]
 
 
 def plot_history(
@@ -206,5 +209,71 @@ def plot_lisi(
     ax.set_ylabel(f"{kind} per cell")
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trace(
+    history: pd.DataFrame,
+    *,
+    y: str,
+    x: str = "iteration",
+    metric: str | None = "ari",
+    ylabel: str | None = None,
+    ax: matplotlib.axes.Axes | None = None,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """An objective per iteration (column ``y`` against ``x``) and, on a twin axis, a ``metric`` recorded
+    on some iterations only (NaN elsewhere; drawn as points joined over the gaps), e.g. NMF's objective
+    and ARI, or ETM's ``train_loss`` and ARI per ``epoch``."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    else:
+        fig = ax.figure
+    ax.plot(history[x], history[y], label=ylabel or y)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel or y)
+    lines, labels = ax.get_legend_handles_labels()
+    if metric is not None and metric in history:
+        recorded = history[[x, metric]].dropna()
+        twin = ax.twinx()
+        twin.plot(recorded[x], recorded[metric], color="tab:red", marker=".", label=metric)
+        twin.set_ylabel(metric)
+        more_lines, more_labels = twin.get_legend_handles_labels()
+        lines, labels = lines + more_lines, labels + more_labels
+    ax.legend(lines, labels, loc="best", frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_embeddings(
+    coords: dict[str, np.ndarray],
+    labels: Sequence,
+    *,
+    point_size: float = 4.0,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """Several 2-D embeddings of the same cells side by side (``{"ETM theta": coords_n2, ...}``), one panel
+    each, coloured by the same ``labels`` (one legend)."""
+    if not coords:
+        raise ValueError("coords is empty")
+    values = pd.Categorical(np.asarray(labels).astype(str))
+    cmap = plt.get_cmap("tab20" if len(values.categories) > 10 else "tab10")
+    fig, axes = plt.subplots(1, len(coords), figsize=(4.2 * len(coords) + 1.8, 4.2), squeeze=False)
+    for ax, (name, coords_n2) in zip(axes[0], coords.items()):
+        if len(coords_n2) != len(values):
+            raise ValueError(f"{name!r} has {len(coords_n2)} cells, labels {len(values)}")
+        for i, category in enumerate(values.categories):
+            mask = values == category
+            ax.scatter(*np.asarray(coords_n2)[mask].T, s=point_size, color=cmap(i % cmap.N), label=category,
+                       linewidths=0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name)
+    axes[0, -1].legend(markerscale=3, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -212,6 +212,9 @@ def _marker_matrix(marker_matrix: pd.DataFrame) -> pd.DataFrame:
     index = marker_matrix.index.astype(str)
     if index.has_duplicates:
         raise DataError(f"the marker matrix lists genes more than once: {sorted(set(index[index.duplicated()]))[:10]}")
+    types = marker_matrix.columns.astype(str)
+    if types.has_duplicates:
+        raise DataError(f"the marker matrix lists cell types more than once: {sorted(set(types[types.duplicated()]))}")
     values = marker_matrix.to_numpy()
     if not np.isin(values, [0, 1]).all():
         raise DataError("the marker matrix must be binary (0/1): found other values")

@@ -1,0 +1,385 @@
+r"""capVI: a VAE whose prior has one mode per cell type (Clivio et al., "Cell-Type Annotation Priors for
+scRNA-seq").
+
+Generative process for cell :math:`n` of batch :math:`s_n` and gene :math:`g`, with :math:`C` cell types:
+
+.. math::
+
+    c_n &\sim \mathrm{Categorical}(\phi), \quad \phi \in \Delta^{C-1} \ \text{learned} \\
+    z_n \mid c_n &\sim \mathcal N(\mu_{c_n}, \sigma^2 I), \quad \mu_c \ \text{learned centroids},\
+        \sigma \ \text{a hyperparameter} \\
+    \ell_n \mid s_n &\sim \mathrm{LogNormal}(\nu_{s_n}, \tau^2_{s_n})
+        \quad \text{(empirical mean / variance of the log library size in batch } s) \\
+    \rho_n = \mathrm{softmax}(f_w(z_n, s_n)), &\quad \pi_n = f_h(z_n, s_n), \quad
+    x_{ng} \sim \mathrm{ZINB}(\ell_n \rho_{ng},\ \theta_{g s_n},\ \pi_{ng}).
+
+Guide: :math:`q(c \mid x)` a classifier ending in a softmax, :math:`q(z \mid x, c, s)` normal with
+diagonal covariance, :math:`q(\ell \mid x, s)` log-normal. A labelled cell's ELBO is
+:math:`\mathcal L(x, c)`; an unlabelled cell's is :math:`\mathbb E_{q(c \mid x)}[\mathcal L(x, c)]
++ \mathcal H(q(c \mid x))`, with :math:`c` enumerated in the guide and summed exactly by
+``TraceEnum_ELBO`` (a labelled cell's :math:`q(c)` is a point mass on its label).
+
+Batch-mixing penalty, added through the driver's ``extra_loss`` hook:
+
+.. math::
+
+    P = \frac{\lambda}{C S} \sum_c \sum_s \Big\lVert \sum_{n:\, s_n = s}
+        \bar q(c \mid x_n)\, (\hat z_{nc} - \mu_c) \Big\rVert^2
+
+with :math:`\hat z_{nc}` the mean of :math:`q(z \mid x_n, c, s_n)` and :math:`\bar q` the one-hot label
+when it is used and :math:`q(c \mid x_n)` otherwise. The sums run over the cells of each minibatch: P is
+added to the minibatch's summed negative ELBO (so P / minibatch size to the per-cell loss).
+
+Training in three stages (:meth:`CAPVI.train`): (1) the classifier alone, by class-weighted
+cross-entropy on the labelled cells with early stopping on the validation cross-entropy; (2) everything
+else with the classifier frozen; (3) everything end to end. Adam with eps = 0.01. Stages 2 and 3 do not
+use the labels (by default). Model selection by validation log-likelihood (:meth:`CAPVI.get_marginal_ll`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from anndata import AnnData
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
+from torch import nn
+
+from ..data import AnnDataSetup, DataError, Minibatch, split_indices
+from ..nn import MLP, GaussianEncoder
+from ._base import BaseModel
+from .scanvi import known_labels_as_point_masses, without_labels
+from .scvi import Likelihood, SCVIModule
+
+__all__ = ["CAPVI", "CAPVIModule"]
+
+
+class CAPVIModule(SCVIModule):
+    """capVI's model and guide. scVI's decoder, dispersions (per gene and batch), library encoder and
+    likelihood are inherited; the latent encoder reads the cell type too. ``max_plate_nesting = 1``.
+
+    ``stage`` selects the objective: 1 is the classifier's weighted cross-entropy, written as a Pyro
+    model (a ``pyro.factor`` per labelled cell) with an empty guide; 2 and 3 are the ELBO.
+    ``use_labels`` says whether the ELBO observes known labels.
+    """
+
+    max_plate_nesting = 1
+
+    def __init__(
+        self,
+        n_genes: int,
+        *,
+        n_labels: int,
+        n_batch: int = 1,
+        sigma: float = 1 / 32,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        likelihood: Likelihood = "zinb",
+        class_weight_c: Sequence[float] | None = None,
+        library_log_means: Sequence[float] | None = None,
+        library_log_vars: Sequence[float] | None = None,
+    ):
+        super().__init__(
+            n_genes, n_batch=n_batch, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+            dropout_rate=dropout_rate, likelihood=likelihood, dispersion="gene-batch", latent_library=True,
+            encode_covariates=True, library_log_means=library_log_means, library_log_vars=library_log_vars,
+        )
+        if n_labels < 2:
+            raise ValueError(f"capVI needs at least 2 cell types, got {n_labels}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.n_labels, self.sigma = n_labels, float(sigma)
+        self.z_encoder = GaussianEncoder(
+            n_genes, n_latent, n_hidden=n_hidden, n_layers=n_layers, n_cat_list=[n_labels, n_batch],
+            dropout_rate=dropout_rate,
+        )
+        self.classifier = nn.Sequential(
+            MLP(n_genes, n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate), nn.Linear(n_hidden, n_labels)
+        )
+        self.mu_ck = nn.Parameter(torch.randn(n_labels, n_latent))
+        self.logits_phi_c = nn.Parameter(torch.zeros(n_labels))
+        weight_c = torch.ones(n_labels) if class_weight_c is None else torch.as_tensor(class_weight_c, dtype=torch.float32)
+        self.register_buffer("class_weight_c", weight_c)
+        self.stage, self.use_labels, self.classifier_frozen = 3, False, False
+
+    # ------------------------------------------------------------------------------ shared pieces
+    def classify(self, mb: Minibatch) -> torch.Tensor:
+        """Logits of q(c | x): (cells, types). Frozen (stage 2): evaluated in eval mode, without gradients."""
+        x_ng = torch.log1p(mb.x_ng)
+        if not self.classifier_frozen:
+            return self.classifier(x_ng)
+        self.classifier.eval()
+        with torch.no_grad():
+            return self.classifier(x_ng)
+
+    def encode_z(self, mb: Minibatch, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and scale of q(z | x, c, s) for types ``c`` broadcasting against the cells, e.g. the
+        enumerated (C, 1): the rows are flattened to (C * cells) for the network and shaped back."""
+        shape = torch.broadcast_shapes(c.shape, (len(mb),))
+        x_ng = torch.log1p(mb.x_ng)
+        loc, scale = self.z_encoder(
+            x_ng.expand(*shape, x_ng.shape[-1]).reshape(-1, x_ng.shape[-1]),
+            c.expand(shape).reshape(-1),
+            self._batch(mb).expand(shape).reshape(-1),
+        )
+        return loc.reshape(*shape, -1), scale.reshape(*shape, -1)
+
+    def decode_any(self, z_nk: torch.Tensor, batch_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`decode` for latents with extra leading dimensions (e.g. (C, cells, K))."""
+        shape = z_nk.shape[:-1]
+        rho, zi = self.decode(z_nk.reshape(-1, z_nk.shape[-1]), batch_n.expand(shape).reshape(-1))
+        return rho.reshape(*shape, -1), None if zi is None else zi.reshape(*shape, -1)
+
+    def _labels(self, mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
+        y_n = mb.y_n if (self.use_labels and mb.y_n is not None) else None
+        if y_n is None:
+            y_n = torch.full((len(mb),), -1, dtype=torch.long, device=mb.x_ng.device)
+        return y_n.clamp(min=0), y_n >= 0
+
+    # --------------------------------------------------------------------------------- model, guide
+    def model(self, mb: Minibatch):
+        if self.stage == 1:
+            return self._classifier_model(mb)
+        batch_n = self._batch(mb)
+        y_obs_n, labelled_n = self._labels(mb)
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
+            c_n = pyro.sample(
+                "c", dist.Categorical(logits=self.logits_phi_c).expand([len(mb)]), obs=y_obs_n, obs_mask=labelled_n
+            )
+            with poutine.scale(scale=mb.kl_weight):
+                z_nk = pyro.sample("z", dist.Normal(self.mu_ck[c_n], self.sigma).to_event(1))
+                scale_n = self.library_log_var_b[batch_n].sqrt()
+                l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
+            rho_ng, zi_logits_ng = self.decode_any(z_nk, batch_n)
+            mu_ng = l_n.unsqueeze(-1) * rho_ng
+            pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
+
+    def guide(self, mb: Minibatch):
+        if self.stage == 1:
+            return None
+        y_obs_n, labelled_n = self._labels(mb)
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
+            logits_nc = known_labels_as_point_masses(self.classify(mb), y_obs_n, labelled_n)
+            c_n = pyro.sample("c_unobserved", dist.Categorical(logits=logits_nc), infer={"enumerate": "parallel"})
+            with poutine.scale(scale=mb.kl_weight):
+                loc_nk, scale_nk = self.encode_z(mb, c_n)
+                pyro.sample("z", dist.Normal(loc_nk, scale_nk).to_event(1))
+                l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), self._batch(mb))
+                pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
+
+    def _classifier_model(self, mb: Minibatch):
+        """Stage 1: the class-weighted log-likelihood of the labelled cells' types under q(c | x)."""
+        y_obs_n, labelled_n = mb.y_n.clamp(min=0), mb.y_n >= 0
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n), poutine.mask(mask=labelled_n):
+            log_q_n = -F.cross_entropy(self.classify(mb), y_obs_n, reduction="none")
+            pyro.factor("classifier", self.class_weight_c[y_obs_n] * log_q_n)
+
+    def batch_mixing_penalty(self, mb: Minibatch, strength: float) -> torch.Tensor:
+        """P of the module docstring on this minibatch, divided by its number of cells (a per-cell loss)."""
+        y_obs_n, labelled_n = self._labels(mb)
+        q_nc = torch.softmax(known_labels_as_point_masses(self.classify(mb), y_obs_n, labelled_n), -1)
+        types_c1 = torch.arange(self.n_labels, device=mb.x_ng.device).unsqueeze(-1)
+        zhat_cnk, _ = self.encode_z(mb, types_c1)
+        weighted_cnk = q_nc.T.unsqueeze(-1) * (zhat_cnk - self.mu_ck.unsqueeze(1))
+        onehot_ns = F.one_hot(self._batch(mb), self.library_log_mean_b.shape[0]).to(weighted_cnk.dtype)
+        sums_csk = torch.einsum("cnk,ns->csk", weighted_cnk, onehot_ns)
+        n_batch = onehot_ns.shape[1]
+        return strength / (self.n_labels * n_batch) * sums_csk.pow(2).sum() / len(mb)
+
+
+class CAPVI(BaseModel):
+    """capVI on an AnnData of raw counts with cell types (all or some known).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, raw counts in ``X`` or ``layer``.
+    labels_key, unlabeled_category
+        The ``obs`` column of cell types; the value marking unknown ones (``None``: every cell is labelled).
+    batch_key, layer
+        As :class:`pyro_sc.SCVI`.
+    sigma
+        Standard deviation of each type's prior mode (the paper's best on PBMC: 1/32).
+    penalty
+        Strength :math:`\\lambda` of the batch-mixing penalty (0 turns it off; the paper: 0.1).
+    n_latent, n_hidden, n_layers, dropout_rate, likelihood
+        As :class:`pyro_sc.SCVI` (dispersion per gene and batch, library size latent, batch given to
+        the encoders: the same architecture as ``SCVI(dispersion="gene-batch", latent_library=True,
+        encode_covariates=True)``).
+
+    Examples
+    --------
+    >>> model = pyro_sc.CAPVI(adata, labels_key="cell_type", batch_key="condition")
+    >>> model.train()
+    >>> adata.obsm["X_capvi"] = model.get_latent_representation()
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        labels_key: str,
+        unlabeled_category: str | None = None,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        sigma: float = 1 / 32,
+        penalty: float = 0.1,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        likelihood: Likelihood = "zinb",
+    ):
+        setup = AnnDataSetup(
+            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category
+        )
+        if not (setup.label_codes_n >= 0).any():
+            raise DataError(f"no cell in {labels_key!r} has a label; capVI's classifier is trained on labels")
+        if penalty < 0:
+            raise ValueError(f"penalty must be >= 0, got {penalty}")
+        super().__init__(
+            setup, sigma=sigma, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+            dropout_rate=dropout_rate, likelihood=likelihood, penalty=penalty,
+        )
+
+    @classmethod
+    def _make_module(cls, setup: AnnDataSetup, *, penalty: float = 0.1, **kwargs) -> CAPVIModule:
+        means, vars_ = setup.log_library_stats()
+        # class weights of the classifier's cross-entropy: inverse frequency among the labelled cells
+        counts_c = np.bincount(setup.label_codes_n[setup.label_codes_n >= 0], minlength=setup.n_labels)
+        weight_c = np.where(counts_c > 0, counts_c.sum() / (setup.n_labels * np.maximum(counts_c, 1)), 0.0)
+        return CAPVIModule(
+            setup.n_vars, n_labels=setup.n_labels, n_batch=setup.n_batch, class_weight_c=weight_c,
+            library_log_means=means, library_log_vars=vars_, **kwargs,
+        )
+
+    def _elbo(self) -> ELBO:
+        if self.module.stage == 1:
+            return Trace_ELBO(max_plate_nesting=1)
+        return TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
+
+    def _extra_loss(self):
+        if self.module.stage == 1 or self.module_kwargs["penalty"] == 0:
+            return None
+        strength = self.module_kwargs["penalty"]
+        return lambda mb: self.module.batch_mixing_penalty(mb, strength)
+
+    def _train_defaults(self) -> dict:
+        return {"lr": 1e-3, "eps": 0.01, "weight_decay": 1e-6, "batch_size": 128}
+
+    def _marginal_ll_pair(self):
+        # log p(x_n) with the type summed out exactly; labels that new data may carry are not used.
+        return (lambda mb: self.model(without_labels(mb))), (lambda mb: self.guide(without_labels(mb)))
+
+    def train(
+        self,
+        *,
+        max_epochs: Sequence[int] | int = (100, 100, 100),
+        train_size: float = 0.9,
+        train_indices: np.ndarray | None = None,
+        validation_indices: np.ndarray | None = None,
+        early_stopping: Sequence[bool] | bool = (True, False, False),
+        patience: int = 10,
+        use_labels: bool = False,
+        seed: int | None = 0,
+        stages: Sequence[int] = (1, 2, 3),
+        **fit_kwargs,
+    ) -> pd.DataFrame:
+        """The three stages of capVI, each one run of :func:`pyro_sc.infer.fit` (its options pass through).
+
+        1. the classifier q(c | x) alone, by class-weighted cross-entropy on the labelled training
+           cells, early stopping on the labelled validation cells' cross-entropy;
+        2. everything else with the classifier frozen;
+        3. everything end to end.
+
+        ``max_epochs`` and ``early_stopping`` are per stage (or one value for all). Cells are split
+        ``train_size`` / rest with ``seed`` unless ``train_indices`` / ``validation_indices`` are given;
+        the validation cells measure each stage's loss. Stages 2 and 3 ignore the labels unless
+        ``use_labels``. ``stages`` runs a subset (e.g. ``(2, 3)`` to continue). ``history`` gains a
+        ``stage`` column.
+        """
+        epochs = _per_stage(max_epochs, "max_epochs")
+        stopping = _per_stage(early_stopping, "early_stopping")
+        if train_indices is None:
+            train_indices, split_val = split_indices(self.setup.n_obs, train_size=train_size, seed=seed or 0)
+            validation_indices = split_val if validation_indices is None else validation_indices
+        train_indices = np.asarray(train_indices, dtype=np.int64)
+        validation_indices = np.zeros(0, np.int64) if validation_indices is None else np.asarray(validation_indices)
+        labelled_n = self.setup.label_codes_n >= 0
+        self._build_under_seed(seed)  # before the stages set the module's objective
+        for stage in stages:
+            if stage not in (1, 2, 3):
+                raise ValueError(f"stages are 1, 2 and 3, got {stage}")
+            module = self.module
+            if stage == 1:
+                idx_train, idx_val = train_indices[labelled_n[train_indices]], validation_indices[labelled_n[validation_indices]]
+                if len(idx_train) == 0:
+                    raise DataError("no labelled training cells for the classifier (stage 1)")
+            else:
+                idx_train, idx_val = train_indices, validation_indices
+            module.stage, module.use_labels, module.classifier_frozen = stage, use_labels and stage > 1, stage == 2
+            before = 0 if self.history is None else len(self.history)
+            try:
+                BaseModel.train(
+                    self, max_epochs=epochs[stage - 1], train_indices=idx_train, validation_indices=idx_val,
+                    early_stopping=stopping[stage - 1], patience=patience,
+                    parameters=self._stage_parameters(stage), seed=seed, **fit_kwargs,
+                )
+            finally:
+                self.module.stage, self.module.classifier_frozen = 3, False
+            self.history.loc[before:, "stage"] = stage
+        self.module.use_labels = use_labels
+        return self.history
+
+    def _stage_parameters(self, stage: int) -> list[torch.Tensor] | None:
+        if stage == 3:
+            return None  # everything
+        classifier = {id(p) for p in self.module.classifier.parameters()}
+        keep = (lambda p: id(p) in classifier) if stage == 1 else (lambda p: id(p) not in classifier)
+        return [p for p in self.module.parameters() if keep(p)]
+
+    # ------------------------------------------------------------------------------------- queries
+    @torch.no_grad()
+    def predict(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> pd.DataFrame:
+        """q(c | x): cells x cell types probabilities (rows sum to one)."""
+        self._check_trained()
+        setup = self._setup_for(adata)
+        out = [torch.softmax(self.module.classify(mb), -1) for mb in self._minibatches(setup, batch_size)]
+        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.setup.label_categories)
+
+    def predict_labels(self, adata: AnnData | None = None, **kwargs) -> pd.Series:
+        """The most probable cell type of each cell under q(c | x)."""
+        return self.predict(adata, **kwargs).idxmax(axis=1)
+
+    @torch.no_grad()
+    def get_latent_representation(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> np.ndarray:
+        """The posterior mean of z, :math:`\\sum_c q(c \\mid x)\\, \\mathbb E[z \\mid x, c]`: (cells, n_latent)."""
+        self._check_trained()
+        setup = self._setup_for(adata)
+        out = []
+        types_c1 = torch.arange(self.module.n_labels, device=self.device).unsqueeze(-1)
+        for mb in self._minibatches(setup, batch_size):
+            q_nc = torch.softmax(self.module.classify(mb), -1)
+            loc_cnk, _ = self.module.encode_z(mb, types_c1)
+            out.append(torch.einsum("nc,cnk->nk", q_nc, loc_cnk))
+        return torch.cat(out).cpu().numpy()
+
+    @property
+    def centroids(self) -> pd.DataFrame:
+        """The prior's modes mu_c: cell types x latent dimensions."""
+        return pd.DataFrame(self.module.mu_ck.detach().cpu().numpy(), index=self.setup.label_categories)
+
+
+def _per_stage(value, name: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+    if len(values) != 3:
+        raise ValueError(f"{name} takes one value or three (one per stage), got {value!r}")
+    return values

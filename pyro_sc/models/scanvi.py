@@ -1,0 +1,352 @@
+r"""The semi-supervised VAE of single-cell counts with cell type :math:`y`, latents :math:`z_1, z_2` and
+library :math:`\ell` (the scANVI family: Kingma et al. 2014's M1 + M2 stacked model, as applied to scRNA-seq
+by Xu et al. 2021, Molecular Systems Biology 17:e9620).
+
+Generative process for cell :math:`n` of batch :math:`s_n` and gene :math:`g`:
+
+.. math::
+
+    y_n &\sim \mathrm{Categorical}(\pi_y) \qquad z_{2,n} \sim \mathcal N(0, I) \\
+    z_{1,n} \mid z_{2,n}, y_n &\sim \mathcal N\big(\mu_\psi(z_{2,n}, y_n),\ \sigma^2_\psi(z_{2,n}, y_n)\big) \\
+    \ell_n &= \textstyle\sum_g x_{ng} \ \text{(observed, default)} \quad\text{or}\quad
+        \ell_n \sim \mathrm{LogNormal}(\nu_{s_n}, \tau^2_{s_n}) \\
+    x_{ng} \mid z_{1,n}, \ell_n &\sim \mathrm{ZINB}\big(\ell_n \rho_{ng}, \theta_g, \pi_{ng}\big),
+        \quad \rho_n = \mathrm{softmax}(f_w(z_{1,n}, s_n)) \ \text{(or NB)}
+
+**It is** :math:`z_1` **that is decoded into counts** (scvi-tools' convention, which this module
+follows so that a trained scVI's encoder / decoder carry over as they are); :math:`z_2` only structures
+:math:`z_1` by cell type. :math:`\pi_y` is uniform.
+
+Guide: :math:`q(z_1 \mid x)\, q(\ell \mid x)\, q(y \mid z_1)\, q(z_2 \mid z_1, y)`, all networks (the
+first two are scVI's encoders). A labelled cell's :math:`y` is observed; an unlabelled cell's is
+enumerated *in the guide* (``infer={"enumerate": "parallel"}``), so ``TraceEnum_ELBO`` computes
+:math:`\sum_y q(y \mid z_1)\,[\log p(\cdot, y) - \log q(\cdot, y)]` exactly rather than by sampling.
+In Pyro this is one site with ``obs_mask``: the model's ``y`` is observed where the label is known
+and its latent part ``y_unobserved`` is proposed by the guide for the others (for a labelled cell the
+guide's ``y_unobserved`` is a point mass on its label, see :func:`known_labels_as_point_masses`).
+
+Labelled cells add the classification term of Kingma et al. (weight ``classification_ratio``,
+default 50 as scvi-tools): the cross-entropy of :math:`q(y \mid \bar z_1)` at the posterior-mean
+:math:`\bar z_1`, over a minibatch of labelled cells drawn at every step, through the driver's
+``extra_loss`` hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from anndata import AnnData
+from pyro import poutine
+from pyro.infer import ELBO, TraceEnum_ELBO
+from torch import nn
+
+from ..data import AnnDataSetup, DataError, Minibatch
+from ..nn import MLP, GaussianEncoder
+from ._base import BaseModel
+from .scvi import SCVI, Dispersion, Likelihood, SCVIModule
+
+__all__ = ["SCANVI", "SCANVIModule", "known_labels_as_point_masses", "over_labels", "without_labels"]
+
+
+def over_labels(net: nn.Module, h_nk: torch.Tensor, y_n: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``net(h, y)`` for inputs whose batch shapes broadcast, e.g. an enumerated ``y`` of shape (C, 1)
+    against cells ``h`` of shape (n, k): flattened to (C * n) rows for the network (batch normalisation
+    wants 2-D input), the outputs reshaped to the broadcast shape (C, n, ...)."""
+    shape = torch.broadcast_shapes(h_nk.shape[:-1], y_n.shape)
+    rows = h_nk.expand(*shape, h_nk.shape[-1]).reshape(-1, h_nk.shape[-1])
+    out = net(rows, y_n.expand(shape).reshape(-1))
+    return tuple(o.reshape(*shape, o.shape[-1]) for o in out)
+
+
+def without_labels(mb: Minibatch) -> Minibatch:
+    """The minibatch with every cell's type unknown."""
+    return dataclasses.replace(mb, y_n=None)
+
+
+def known_labels_as_point_masses(
+    logits_nc: torch.Tensor, y_obs_n: torch.Tensor, labelled_n: torch.Tensor
+) -> torch.Tensor:
+    """The guide's logits of an enumerated cell type, with each labelled cell's put on its label.
+
+    The guide enumerates the type of every cell of the minibatch; ``TraceEnum_ELBO`` weights each value
+    by its guide probability. A labelled cell's distribution is a point mass on its label (the model
+    observes it there), so the other values get weight exactly zero: logits of -1e4, finite, so that
+    ``q log q`` is 0, not NaN.
+    """
+    point_nc = torch.full_like(logits_nc, -1e4).scatter(-1, y_obs_n.unsqueeze(-1), 0.0)
+    return torch.where(labelled_n.unsqueeze(-1), point_nc, logits_nc)
+
+
+class SCANVIModule(SCVIModule):
+    """The semi-supervised VAE: scVI's encoders and decoder (inherited) plus the classifier
+    :math:`q(y \\mid z_1)`, the encoder :math:`q(z_2 \\mid z_1, y)` and the prior network
+    :math:`p(z_1 \\mid z_2, y)`. ``max_plate_nesting = 1`` (cells)."""
+
+    max_plate_nesting = 1
+
+    def __init__(
+        self,
+        n_genes: int,
+        *,
+        n_labels: int,
+        classifier_n_hidden: int = 128,
+        classification_ratio: float = 50.0,
+        class_weights: str | None = None,
+        **scvi_kwargs,
+    ):
+        super().__init__(n_genes, **scvi_kwargs)
+        if n_labels < 2:
+            raise ValueError(f"the semi-supervised VAE needs at least 2 cell types, got {n_labels}")
+        if class_weights not in (None, "balanced"):
+            raise ValueError(f"class_weights must be None or 'balanced', got {class_weights!r}")
+        self.n_labels = n_labels
+        self.classification_ratio, self.class_weights = float(classification_ratio), class_weights
+        n_latent, n_hidden = self.n_latent, scvi_kwargs.get("n_hidden", 128)
+        dropout = scvi_kwargs.get("dropout_rate", 0.1)
+        self.classifier = nn.Sequential(
+            MLP(n_latent, n_hidden=classifier_n_hidden, dropout_rate=dropout), nn.Linear(classifier_n_hidden, n_labels)
+        )
+        self.z2_encoder = GaussianEncoder(
+            n_latent, n_latent, n_hidden=n_hidden, n_cat_list=[n_labels], dropout_rate=dropout
+        )
+        self.z1_prior_net = GaussianEncoder(n_latent, n_latent, n_hidden=n_hidden, n_cat_list=[n_labels], dropout_rate=0.0)
+        self.register_buffer("log_pi_y", torch.full((n_labels,), -float(np.log(n_labels))))
+
+    @staticmethod
+    def _labels(mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label codes (0 where unknown) and the mask of labelled cells."""
+        y_n = mb.y_n if mb.y_n is not None else torch.full((len(mb),), -1, dtype=torch.long, device=mb.x_ng.device)
+        return y_n.clamp(min=0), y_n >= 0
+
+    def classify(self, z1_nk: torch.Tensor) -> torch.Tensor:
+        """Logits of q(y | z1): (..., n_labels)."""
+        return self.classifier(z1_nk)
+
+    def model(self, mb: Minibatch):
+        batch_n = self._batch(mb)
+        y_obs_n, labelled_n = self._labels(mb)
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
+            y_n = pyro.sample(
+                "y", dist.Categorical(logits=self.log_pi_y).expand([len(mb)]), obs=y_obs_n, obs_mask=labelled_n
+            )
+            with poutine.scale(scale=mb.kl_weight):
+                z2_nk = pyro.sample("z2", dist.Normal(mb.x_ng.new_zeros(self.n_latent), 1.0).to_event(1))
+                loc_nk, scale_nk = over_labels(self.z1_prior_net, z2_nk, y_n)
+                z1_nk = pyro.sample("z1", dist.Normal(loc_nk, scale_nk).to_event(1))
+                if self.latent_library:
+                    scale_n = self.library_log_var_b[batch_n].sqrt()
+                    l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
+            if not self.latent_library:
+                l_n = mb.x_ng.sum(-1)
+            rho_ng, zi_logits_ng = self.decode(z1_nk, batch_n)
+            mu_ng = l_n.unsqueeze(-1) * rho_ng
+            pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
+
+    def guide(self, mb: Minibatch):
+        y_obs_n, labelled_n = self._labels(mb)
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
+            with poutine.scale(scale=mb.kl_weight):
+                loc_nk, scale_nk = self.encode(mb)
+                z1_nk = pyro.sample("z1", dist.Normal(loc_nk, scale_nk).to_event(1))
+                if self.latent_library:
+                    cats = [self._batch(mb)] if self.encode_covariates else []
+                    l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), *cats)
+                    pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
+            logits_nc = known_labels_as_point_masses(self.classify(z1_nk), y_obs_n, labelled_n)
+            y_n = pyro.sample("y_unobserved", dist.Categorical(logits=logits_nc), infer={"enumerate": "parallel"})
+            with poutine.scale(scale=mb.kl_weight):
+                loc2, scale2 = over_labels(self.z2_encoder, z1_nk, y_n)
+                pyro.sample("z2", dist.Normal(loc2, scale2).to_event(1))
+
+
+class SCANVI(SCVI):
+    """The semi-supervised VAE on an AnnData of raw counts with partly known cell types.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, raw counts in ``X`` or ``layer``.
+    labels_key, unlabeled_category
+        The ``obs`` column of cell types, and its value for cells whose type is unknown.
+    batch_key, layer, likelihood, dispersion, n_latent, n_hidden, n_layers, dropout_rate,
+    latent_library, encode_covariates
+        As :class:`pyro_sc.SCVI`.
+    classification_ratio
+        Weight of the labelled cells' cross-entropy in the loss (per cell, as the negative ELBO).
+    class_weights
+        ``"balanced"`` weights the cross-entropy of each type by the inverse of its share of labelled
+        cells (rare types count as much as common ones); ``None`` (default): unweighted.
+
+    The queries of :class:`pyro_sc.SCVI` (latent z1, normalised expression, differential expression)
+    work as there, plus :meth:`predict`.
+
+    Examples
+    --------
+    >>> scvi = pyro_sc.SCVI(adata, batch_key="condition"); scvi.train()
+    >>> model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    >>> model.train()
+    >>> adata.obs["predicted"] = model.predict().idxmax(axis=1)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        labels_key: str,
+        unlabeled_category: str,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        likelihood: Likelihood = "zinb",
+        dispersion: Dispersion = "gene",
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        latent_library: bool = False,
+        encode_covariates: bool = False,
+        classification_ratio: float = 50.0,
+        class_weights: str | None = None,
+    ):
+        setup = AnnDataSetup(
+            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category
+        )
+        if not (setup.label_codes_n >= 0).any():
+            raise DataError(f"no cell in {labels_key!r} has a label (every cell is {unlabeled_category!r})")
+        BaseModel.__init__(
+            self, setup, likelihood=likelihood, dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden,
+            n_layers=n_layers, dropout_rate=dropout_rate, latent_library=latent_library,
+            encode_covariates=encode_covariates, classification_ratio=classification_ratio,
+            class_weights=class_weights,
+        )
+        self.pretrained = False  # set by from_scvi: shortens the default training
+
+    @classmethod
+    def _make_module(cls, setup: AnnDataSetup, **kwargs) -> SCANVIModule:
+        means, vars_ = setup.log_library_stats()
+        return SCANVIModule(
+            setup.n_vars, n_labels=setup.n_labels, n_batch=setup.n_batch, library_log_means=means,
+            library_log_vars=vars_, **kwargs,
+        )
+
+    @classmethod
+    def _setup_from_registry(cls, adata: AnnData, registry: dict, module_kwargs: dict) -> AnnDataSetup:
+        # New cells need no labels (their types are what is predicted); known ones must be known types.
+        return AnnDataSetup.from_registry(adata, registry)
+
+    @classmethod
+    def from_scvi(
+        cls,
+        scvi_model: SCVI,
+        *,
+        labels_key: str,
+        unlabeled_category: str,
+        adata: AnnData | None = None,
+        classification_ratio: float = 50.0,
+        class_weights: str | None = None,
+    ) -> "SCANVI":
+        """A semi-supervised VAE whose encoders, decoder and dispersions start as a trained scVI's.
+
+        ``adata`` defaults to the scVI's training data; it must have the same genes and batches.
+        """
+        if not isinstance(scvi_model, SCVI):
+            raise TypeError(f"from_scvi needs a trained pyro_sc.SCVI, got {type(scvi_model).__name__}")
+        scvi_model._check_trained()
+        adata = scvi_model.adata if adata is None else adata
+        registry = scvi_model.setup.registry()
+        if adata is not scvi_model.adata:
+            AnnDataSetup.from_registry(adata, {**registry, "labels_key": None})  # same genes, known batches
+        model = cls(
+            adata, labels_key=labels_key, unlabeled_category=unlabeled_category, batch_key=registry["batch_key"],
+            layer=registry["layer"], classification_ratio=classification_ratio, class_weights=class_weights,
+            **scvi_model.module_kwargs,
+        )
+        mine, theirs = (
+            [] if s.batch_categories is None else list(s.batch_categories) for s in (model.setup, scvi_model.setup)
+        )
+        if mine != theirs:
+            raise DataError(f"the batches of this AnnData {mine} differ from the scVI's {theirs}")
+        model.module.load_state_dict(scvi_model.module.state_dict(), strict=False)
+        model.pretrained = True
+        model._rebuild_on_seeded_train = False
+        return model
+
+    def _elbo(self) -> ELBO:
+        return TraceEnum_ELBO(max_plate_nesting=self.module.max_plate_nesting, strict_enumeration_warning=False)
+
+    def _extra_loss(self):
+        labelled = np.flatnonzero(self.setup.label_codes_n >= 0)
+        codes = self.setup.label_codes_n[labelled]
+        weight_c = None
+        if self.module.class_weights == "balanced":
+            counts = np.bincount(codes, minlength=self.setup.n_labels).astype(np.float32)
+            weight_c = torch.as_tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0))
+        rng = np.random.default_rng(0)
+        batch_size = getattr(self, "_labelled_batch_size", 128)
+
+        def classification_loss(mb: Minibatch) -> torch.Tensor:
+            idx = labelled if len(labelled) <= batch_size else rng.choice(labelled, batch_size, replace=False)
+            if len(idx) < 2:  # batch normalisation needs two cells
+                idx = np.repeat(idx, 2)
+            lab = self.setup.minibatch(np.sort(idx), device=mb.x_ng.device)
+            loc_nk, _ = self.module.encode(lab)
+            w = None if weight_c is None else weight_c.to(loc_nk.device)
+            return self.module.classification_ratio * F.cross_entropy(self.module.classify(loc_nk), lab.y_n, weight=w)
+
+        return classification_loss
+
+    def train(
+        self,
+        *,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        n_epochs_kl_warmup: int | None = None,
+        seed: int | None = 0,
+        **fit_kwargs,
+    ) -> pd.DataFrame:
+        """Train by SVI with the ELBO summed exactly over unknown types (see :func:`pyro_sc.infer.fit`).
+
+        ``max_epochs`` defaults to scvi-tools' rule ``min(round(20000 / n_cells * 400), 400)``, a third of
+        that (at least 20) when the model starts from a trained scVI. Each step also draws up to
+        ``batch_size`` labelled cells for the classification term. KL warm-up (``n_epochs_kl_warmup``,
+        in epochs) is off by default.
+        """
+        n_obs = self.setup.n_obs
+        if max_epochs is None:
+            max_epochs = int(min(round(20000 / n_obs * 400), 400))
+            if getattr(self, "pretrained", False):
+                max_epochs = max(20, round(max_epochs / 3))
+        train_size = fit_kwargs.get("train_size", 0.9)
+        steps_per_epoch = max(1, int(np.ceil(train_size * n_obs)) // batch_size)
+        warmup = n_epochs_kl_warmup * steps_per_epoch if n_epochs_kl_warmup else None
+        self._labelled_batch_size = batch_size
+        return BaseModel.train(
+            self, max_epochs=max_epochs, batch_size=batch_size, kl_warmup_steps=warmup, seed=seed, **fit_kwargs
+        )
+
+    def _marginal_ll_pair(self):
+        # log p(x_n) with the type summed out: labels that new data may carry are not used.
+        return (lambda mb: self.model(without_labels(mb))), (lambda mb: self.guide(without_labels(mb)))
+
+    def get_marginal_ll(self, adata: AnnData | None = None, **kwargs) -> float:
+        """Mean over cells of the importance-sampling estimate of ``log p(x_n)``, the cell type summed
+        out exactly (known labels are not used); options as :meth:`pyro_sc.SCVI.get_marginal_ll`."""
+        return super().get_marginal_ll(adata, **kwargs)
+
+    # ------------------------------------------------------------------------------------- queries
+    @torch.no_grad()
+    def predict(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> pd.DataFrame:
+        """q(y | z1) at the posterior-mean z1: cells x cell types probabilities (rows sum to one)."""
+        self._check_trained()
+        setup = self._setup_for(adata)
+        out = [torch.softmax(self.module.classify(self.module.encode(mb)[0]), -1) for mb in self._minibatches(setup, batch_size)]
+        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.setup.label_categories)
+
+    def predict_labels(self, adata: AnnData | None = None, **kwargs) -> pd.Series:
+        """The most probable cell type of each cell."""
+        return self.predict(adata, **kwargs).idxmax(axis=1)

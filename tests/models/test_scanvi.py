@@ -1,0 +1,117 @@
+"""The semi-supervised VAE: hidden labels recovered on simulated and real data, from_scvi, queries."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pyro_sc
+from pyro_sc import datasets, metrics
+from pyro_sc.data import DataError
+
+
+def with_hidden_labels(adata, fraction: float, seed: int = 0, key: str = "cell_type"):
+    """A copy of adata whose obs["seed_labels"] keeps ``fraction`` of the labels; and the hidden mask."""
+    adata = adata.copy()
+    rng = np.random.default_rng(seed)
+    hidden_n = rng.random(adata.n_obs) >= fraction
+    truth_n = adata.obs[key].astype(str).to_numpy()
+    adata.obs["seed_labels"] = np.where(hidden_n, "Unknown", truth_n)
+    return adata, hidden_n, truth_n
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    return with_hidden_labels(datasets.simulate_scvi(800, 200, n_latent=4, n_types=4, n_batches=2, seed=0), 0.1)
+
+
+@pytest.fixture(scope="module")
+def scvi(simulated):
+    adata, _, _ = simulated
+    model = pyro_sc.SCVI(adata, batch_key="batch", n_latent=5)
+    model.train(max_epochs=15, progress_bar=False, seed=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(scvi):
+    model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    model.train(max_epochs=15, progress_bar=False, seed=0)
+    return model
+
+
+def test_from_scvi_starts_from_the_scvi_and_predicts_hidden_labels(simulated, scvi, trained):
+    adata, hidden_n, truth_n = simulated
+    fresh = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    fresh.history = pd.DataFrame()  # the latent of the copied encoder, before any training
+    np.testing.assert_array_equal(fresh.get_latent_representation(), scvi.get_latent_representation())
+
+    probs = trained.predict()
+    assert list(probs.columns) == [f"type_{t}" for t in range(4)] and probs.index.equals(adata.obs_names)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    predicted_n = trained.predict_labels().to_numpy()
+    assert metrics.accuracy(truth_n[hidden_n], predicted_n[hidden_n]) > 0.95
+    history = trained.history
+    assert history["extra_loss"].iloc[-1] < history["extra_loss"].iloc[0]  # the classification term learns
+    assert trained.get_latent_representation().shape == (adata.n_obs, 5)
+
+
+def test_marginal_ll_sums_the_type_and_ignores_labels(simulated, trained):
+    adata, _, _ = simulated
+    ll = trained.get_marginal_ll(n_samples=20)
+    assert np.isfinite(ll)
+    unlabelled = adata.copy()
+    unlabelled.obs["seed_labels"] = "Unknown"
+    # labels are not used: the same estimate with every label hidden (same seed, same draws)
+    assert trained.get_marginal_ll(unlabelled, n_samples=20) == pytest.approx(ll, rel=1e-6)
+    # and it is a tighter bound than the ELBO (K = 1)
+    assert trained.get_marginal_ll(n_samples=20) > trained.get_marginal_ll(n_samples=1) - 1.0
+
+
+def test_training_from_scratch_and_save_load(simulated, tmp_path):
+    adata, hidden_n, truth_n = simulated
+    model = pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", batch_key="batch",
+                           n_latent=5, class_weights="balanced")
+    model.train(max_epochs=20, progress_bar=False, seed=0)
+    assert metrics.accuracy(truth_n[hidden_n], model.predict_labels().to_numpy()[hidden_n]) > 0.95
+    path = tmp_path / "scanvi.pt"
+    model.save(path)
+    loaded = pyro_sc.SCANVI.load(path, adata)
+    pd.testing.assert_frame_equal(loaded.predict(), model.predict())
+    # new cells without the labels column are predicted too
+    query = adata[:50].copy()
+    del query.obs["seed_labels"]
+    pd.testing.assert_frame_equal(model.predict(query), model.predict()[:50])
+
+
+def test_bad_input(simulated, scvi):
+    adata, _, _ = simulated
+    none = adata.copy()
+    none.obs["seed_labels"] = "Unknown"
+    with pytest.raises(DataError, match="no cell"):
+        pyro_sc.SCANVI(none, labels_key="seed_labels", unlabeled_category="Unknown")
+    with pytest.raises(DataError, match="not found in adata.obs"):
+        pyro_sc.SCANVI(adata, labels_key="nope", unlabeled_category="Unknown")
+    with pytest.raises(ValueError, match="class_weights"):
+        pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", class_weights="yes")
+    with pytest.raises(TypeError, match="trained pyro_sc.SCVI"):
+        pyro_sc.SCANVI.from_scvi("scvi", labels_key="seed_labels", unlabeled_category="Unknown")
+    other = adata.copy()
+    other.obs["batch"] = other.obs["batch"].astype(str).replace({"batch_1": "batch_0"})
+    with pytest.raises(DataError, match="batch"):
+        pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown", adata=other)
+    untrained = pyro_sc.SCVI(adata, batch_key="batch")
+    with pytest.raises(RuntimeError, match="not trained"):
+        pyro_sc.SCANVI.from_scvi(untrained, labels_key="seed_labels", unlabeled_category="Unknown")
+
+
+@pytest.mark.slow
+def test_cellbench_cell_lines_from_five_percent_of_labels():
+    adata = datasets.select_hvg(datasets.load_cellbench(), 2000, batch_key="batch")
+    adata, hidden_n, truth_n = with_hidden_labels(adata, 0.05, seed=0, key="cell_line_demuxlet")
+    scvi = pyro_sc.SCVI(adata, batch_key="batch")
+    scvi.train(max_epochs=100, progress_bar=False, seed=0)
+    model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    model.train(max_epochs=30, progress_bar=False, seed=0)
+    predicted_n = model.predict_labels().to_numpy()
+    assert metrics.accuracy(truth_n[hidden_n], predicted_n[hidden_n]) > 0.95
