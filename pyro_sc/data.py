@@ -5,11 +5,21 @@ scipy-sparse or backed on disk), checks them, and encodes batches, labels and co
 codes whose mapping it keeps. :meth:`AnnDataSetup.minibatch` then densifies only the rows of one
 minibatch into a :class:`Minibatch`, the single argument every model and guide of the package takes.
 
+**Out of core.** A matrix backed on disk (``anndata.read_h5ad(path, backed="r")``) is never loaded:
+the checks scan it in chunks of rows, and a minibatch reads only its rows. A CSR matrix stored
+uncompressed in an ``.h5ad`` (anndata's default) is read by positional reads of the rows' byte ranges
+(its row pointers, 8 bytes a cell, are held in memory); other backed matrices through anndata / h5py.
+:func:`load_minibatches` can prepare the next minibatches in a background thread while the model
+trains. On a GPU, a sparse minibatch is moved as a sparse tensor and densified there.
+
 The user's AnnData is never modified.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
@@ -20,7 +30,10 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-__all__ = ["AnnDataSetup", "DataError", "DataWarning", "Minibatch", "iterate_minibatches", "split_indices"]
+__all__ = [
+    "AnnDataSetup", "DataError", "DataWarning", "Minibatch", "iterate_minibatches", "load_minibatches",
+    "split_indices",
+]
 
 CHUNK_ROWS = 8192  # rows read at a time when scanning a whole matrix (validation, library statistics)
 
@@ -65,22 +78,139 @@ def _is_backed_matrix(matrix) -> bool:
     return not isinstance(matrix, (np.ndarray, sp.spmatrix, sp.sparray)) and hasattr(matrix, "shape")
 
 
-def _dense_rows(matrix, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` of a dense, sparse or backed matrix as a dense float32 array, in the order of idx."""
-    if _is_backed_matrix(matrix):
-        # h5py and anndata's backed datasets want increasing indices: read sorted, then reorder.
-        order = np.argsort(idx, kind="stable")
-        rows = matrix[idx[order]]
-        rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-        out = np.empty_like(rows)
-        out[order] = rows
-        return out.astype(np.float32, copy=False)
-    rows = matrix[idx]
-    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-    return rows.astype(np.float32, copy=False)
+class _NoFastPath(Exception):
+    """The backed matrix is not stored in a way :class:`_H5CSRRows` reads directly (e.g. compressed)."""
 
 
-def _chunks(n: int, size: int = CHUNK_ROWS) -> Iterator[slice]:
+class _RawExtent:
+    """Where the elements of an uncompressed 1-D HDF5 dataset lie in its file: one byte offset
+    (contiguous layout) or one per chunk (chunked layout, no filters)."""
+
+    def __init__(self, ds):
+        import h5py
+
+        plist = ds.id.get_create_plist()
+        if ds.ndim != 1 or not ds.dtype.isnative or ds.dtype.kind not in "iuf" or plist.get_nfilters():
+            raise _NoFastPath
+        self.dtype, self.size = ds.dtype, int(ds.shape[0])
+        layout = plist.get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset = ds.id.get_offset()
+            if offset is None and self.size:
+                raise _NoFastPath
+            self.chunk, self.offsets = max(self.size, 1), np.array([offset or 0], dtype=np.int64)
+        elif layout == h5py.h5d.CHUNKED:
+            self.chunk = int(ds.chunks[0])
+            n_chunks = -(-self.size // self.chunk)
+            self.offsets = np.full(n_chunks, -1, dtype=np.int64)
+
+            def note(info):
+                self.offsets[info.chunk_offset[0] // self.chunk] = info.byte_offset
+
+            if hasattr(ds.id, "chunk_iter"):
+                ds.id.chunk_iter(note)
+            else:
+                for i in range(ds.id.get_num_chunks()):
+                    note(ds.id.get_chunk_info(i))
+            if (self.offsets < 0).any():  # chunks never written hold fill values, not bytes on disk
+                raise _NoFastPath
+        else:
+            raise _NoFastPath
+
+    def read(self, fd: int, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Elements ``[starts[i], stops[i])`` for every i, concatenated."""
+        out = np.empty(int((stops - starts).sum()), dtype=self.dtype)
+        if not len(out):
+            return out
+        # ranges that continue one another (consecutive rows) become one read
+        breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+        firsts, lasts = np.r_[0, breaks], np.r_[breaks, len(starts)] - 1
+        buffer = out.view(np.uint8)
+        itemsize, chunk, pos = self.dtype.itemsize, self.chunk, 0
+        for start, stop in zip(starts[firsts].tolist(), stops[lasts].tolist()):
+            while start < stop:
+                k = start // chunk
+                end = min(stop, (k + 1) * chunk)
+                nbytes = (end - start) * itemsize
+                offset = int(self.offsets[k]) + (start - k * chunk) * itemsize
+                view = buffer[pos : pos + nbytes]
+                while len(view):
+                    got = os.preadv(fd, [view], offset)
+                    if got <= 0:
+                        raise OSError(f"unexpected end of file reading a backed matrix at byte {offset}")
+                    view, offset = view[got:], offset + got
+                pos, start = pos + nbytes, end
+        return out
+
+
+class _H5CSRRows:
+    """Rows of a CSR matrix stored uncompressed in an HDF5 file, read with ``os.preadv`` at the byte
+    ranges of the rows (no HDF5 call per row, and the GIL is released while reading, so a prefetch
+    thread overlaps with training). The row pointers are held in memory."""
+
+    def __init__(self, matrix):
+        import h5py
+
+        group = getattr(matrix, "group", None)
+        if not isinstance(group, h5py.Group) or getattr(matrix, "format", None) != "csr":
+            raise _NoFastPath
+        if group.file.id.get_create_plist().get_userblock():
+            raise _NoFastPath
+        self.shape = tuple(matrix.shape)
+        self.data, self.indices = _RawExtent(group["data"]), _RawExtent(group["indices"])
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self._file = open(group.file.filename, "rb", buffering=0)  # closed when this reader is collected
+        # a check that the layout was understood: the first and last rows, read both ways
+        probe = np.unique([0, self.shape[0] - 1])
+        expected = sp.vstack([sp.csr_matrix(matrix[int(i) : int(i) + 1]) for i in probe], format="csr")
+        if (self.rows(probe) != expected).nnz:
+            raise _NoFastPath
+
+    def rows(self, idx: np.ndarray) -> sp.csr_matrix:
+        """Rows ``idx`` (increasing; repeats allowed) as an in-memory CSR matrix."""
+        starts, stops = self.indptr[idx], self.indptr[idx + 1]
+        fd = self._file.fileno()
+        indptr = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(stops - starts, out=indptr[1:])
+        return sp.csr_matrix(
+            (self.data.read(fd, starts, stops), self.indices.read(fd, starts, stops), indptr),
+            shape=(len(idx), self.shape[1]),
+        )
+
+
+def _row_reader(matrix):
+    """The fast reader of a backed CSR matrix in an uncompressed .h5ad, or None (read through anndata)."""
+    try:
+        return _H5CSRRows(matrix)
+    except (_NoFastPath, ImportError, OSError, KeyError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _sparse_tensor(rows: sp.csr_matrix) -> torch.Tensor:
+    """A torch sparse CSR tensor (float32 values) of a scipy CSR matrix, sharing nothing with it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(rows.indptr.astype(np.int64)),
+            torch.from_numpy(rows.indices.astype(np.int64)),
+            torch.from_numpy(rows.data.astype(np.float32)),
+            size=rows.shape,
+            check_invariants=False,  # built from a valid scipy matrix
+        )
+
+
+def _dense_tensor(rows, device: torch.device) -> torch.Tensor:
+    """Counts (dense array or CSR rows) as a dense float32 tensor on ``device``. Sparse rows go to an
+    accelerator as a sparse tensor and are densified there; on the CPU they are densified directly."""
+    if sp.issparse(rows) and device.type != "cpu":
+        return _sparse_tensor(rows).to(device, non_blocking=True).to_dense()
+    if sp.issparse(rows):
+        rows = rows.toarray()
+    return torch.as_tensor(np.asarray(rows).astype(np.float32, copy=False), device=device)
+
+
+def _chunks(n: int, size: int | None = None) -> Iterator[slice]:
+    size = CHUNK_ROWS if size is None else size
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
@@ -152,6 +282,8 @@ class AnnDataSetup:
         self.allow_empty_genes = allow_empty_genes
 
         self.matrix = self._find_matrix()
+        self._backed = _is_backed_matrix(self.matrix)
+        self._reader = _row_reader(self.matrix) if self._backed else None
         self.var_names = pd.Index(adata.var_names.astype(str))
         self.obs_names = pd.Index(adata.obs_names.astype(str))
 
@@ -188,6 +320,12 @@ class AnnDataSetup:
             matrix = self.adata.layers[self.layer]
         if sp.issparse(matrix) and matrix.format != "csr":
             matrix = sp.csr_matrix(matrix)  # rows are read per minibatch; CSC row slicing is slow
+        if _is_backed_matrix(matrix) and getattr(matrix, "format", None) == "csc":
+            raise DataError(
+                "the counts are a CSC matrix backed on disk: a minibatch of cells cannot be read without "
+                "loading every column; write the file with a CSR matrix (adata.X = scipy.sparse.csr_matrix("
+                "adata.X) before write_h5ad), or load it into memory (adata.to_memory())"
+            )
         return matrix
 
     def _obs_column(self, key: str, what: str) -> pd.Series:
@@ -261,7 +399,10 @@ class AnnDataSetup:
         gene_total = np.zeros(self.adata.n_vars, dtype=np.float64)
         self.max_count = 0.0
         for rows in _chunks(self.adata.n_obs):
-            block = self.matrix[rows]
+            if self._reader is None:
+                block = self.matrix[rows]
+            else:
+                block = self._reader.rows(np.arange(rows.start, rows.stop))
             values = block.data if sp.issparse(block) else np.asarray(block)
             if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
                 raise DataError(f"{where} holds {values.dtype} values, expected numeric counts")
@@ -318,13 +459,27 @@ class AnnDataSetup:
     def n_cats_per_covariate(self) -> list[int]:
         return [len(c) for c in self.categorical_covariate_categories.values()]
 
+    def _rows(self, idx: np.ndarray):
+        """Rows ``idx`` in that order: CSR rows of a sparse (or backed sparse) matrix, else a dense array.
+        A backed matrix is read at increasing, distinct positions (as h5py requires), then reordered."""
+        if not self._backed:
+            return self.matrix[idx]
+        unique, inverse = np.unique(idx, return_inverse=True)
+        rows = self._reader.rows(unique) if self._reader is not None else self.matrix[unique]
+        rows = sp.csr_matrix(rows) if sp.issparse(rows) else np.asarray(rows)
+        return rows if len(unique) == len(idx) and (unique == idx).all() else rows[inverse]
+
     def counts(self, idx: np.ndarray) -> np.ndarray:
         """Dense float32 counts of the cells ``idx`` (only these rows are densified)."""
-        return _dense_rows(self.matrix, np.asarray(idx, dtype=np.int64))
+        rows = self._rows(np.asarray(idx, dtype=np.int64))
+        rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+        return rows.astype(np.float32, copy=False)
 
     def minibatch(self, idx: np.ndarray, *, device: torch.device | str = "cpu") -> Minibatch:
-        """The :class:`Minibatch` of cells ``idx`` (positions in the registered AnnData)."""
+        """The :class:`Minibatch` of cells ``idx`` (positions in the registered AnnData), on ``device``
+        (sparse counts are densified there)."""
         idx = np.asarray(idx, dtype=np.int64)
+        device = torch.device(device)
 
         def tensor(array, dtype):
             return None if array is None else torch.as_tensor(array[idx], dtype=dtype, device=device)
@@ -332,7 +487,7 @@ class AnnDataSetup:
         return Minibatch(
             idx_n=torch.as_tensor(idx, device=device),
             n_obs=self.n_obs,
-            x_ng=torch.as_tensor(self.counts(idx), device=device),
+            x_ng=_dense_tensor(self._rows(idx), device),
             batch_n=tensor(self.batch_codes_n, torch.long),
             y_n=tensor(self.label_codes_n, torch.long),
             size_factor_n=tensor(self.size_factor_n, torch.float32),
@@ -422,7 +577,7 @@ class AnnDataSetup:
         )
 
     def __repr__(self) -> str:
-        kind = "backed" if _is_backed_matrix(self.matrix) else ("sparse" if sp.issparse(self.matrix) else "dense")
+        kind = "backed" if self._backed else ("sparse" if sp.issparse(self.matrix) else "dense")
         return (
             f"AnnDataSetup({self.n_obs} cells x {self.n_vars} genes, {kind}, layer={self.layer!r}, "
             f"batch_key={self.batch_key!r} ({self.n_batch}), labels_key={self.labels_key!r} ({self.n_labels}))"
@@ -461,3 +616,59 @@ def iterate_minibatches(
     for i, start in enumerate(starts):
         stop = starts[i + 1] if i + 1 < len(starts) else len(indices)
         yield indices[start:stop]
+
+
+def load_minibatches(
+    data: AnnDataSetup,
+    batches: Sequence[np.ndarray],
+    *,
+    device: torch.device | str = "cpu",
+    prefetch: int = 0,
+) -> Iterator[Minibatch]:
+    """The :class:`Minibatch` of each index array of ``batches``, in order.
+
+    With ``prefetch > 0`` a background thread reads (and moves to ``device``) up to ``prefetch``
+    minibatches ahead while the caller trains on the current one, so training from disk need not wait
+    on I/O. The minibatches are the same either way. An error in the thread is raised here; closing
+    the iterator (e.g. ``contextlib.closing``, or leaving a loop over it) stops the thread.
+    """
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    if prefetch == 0:
+        for idx in batches:
+            yield data.minibatch(idx, device=device)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for idx in batches:
+                if not put((data.minibatch(idx, device=device), None)):
+                    return
+            put((None, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((None, error))
+
+    worker = threading.Thread(target=produce, name="pyro_sc-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            mb, error = ready.get()
+            if error is not None:
+                raise error
+            if mb is None:
+                return
+            yield mb
+    finally:
+        stop.set()
+        worker.join()

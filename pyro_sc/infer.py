@@ -16,10 +16,16 @@ from a fatal error into a rollback: the epoch starts again from its first state 
 optimiser) with a smaller learning rate. ``checkpoint_every`` writes the whole state of the run (modules,
 optimiser, the driver's counters and history, the split, every random number generator), and
 ``resume=`` continues an interrupted run to exactly the parameters of an uninterrupted one (on CPU).
+
+Large data. Minibatches are read from the registered data as they are needed, so an AnnData backed on
+disk trains without being loaded; ``prefetch`` reads the next minibatches in a background thread while
+the current one trains. ``device="cuda"`` trains on a GPU. Launched with ``torchrun`` in an initialised
+process group, the same loop trains data-parallel over several processes (see :mod:`pyro_sc.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -39,7 +45,8 @@ from pyro.infer import ELBO, TraceEnum_ELBO
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import AnnDataSetup, Minibatch, iterate_minibatches, split_indices
+from .data import AnnDataSetup, Minibatch, iterate_minibatches, load_minibatches, split_indices
+from .distributed import Replicas
 
 __all__ = [
     "CHECKPOINT_FORMAT", "TrainingError", "TrainingWarning", "fit", "evaluate_loss", "collect_parameters",
@@ -75,7 +82,9 @@ def collect_parameters(
         for p in module.parameters():
             params[id(p)] = p
     for site in capture.trace.nodes.values():
-        p = site["value"].unconstrained()
+        value = site["value"]
+        # a constrained pyro.param exposes its unconstrained leaf; a module's plain nn.Parameter is the leaf
+        p = value.unconstrained() if hasattr(value, "unconstrained") else value
         params[id(p)] = p
     return [p for p in params.values() if p.requires_grad]
 
@@ -292,6 +301,8 @@ def fit(
     checkpoint_every: int | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
+    prefetch: int | None = None,
+    distributed: bool | None = None,
 ) -> pd.DataFrame:
     """Train ``model`` / ``guide`` on ``data`` by SVI with Adam; return the per-epoch history.
 
@@ -309,7 +320,8 @@ def fit(
         Defaults to ``TraceEnum_ELBO()`` (without its warning for models with nothing to enumerate), which sums enumerated discrete sites out exactly (Pyro finds
         ``max_plate_nesting`` by tracing the model once unless the ELBO is given it).
     max_epochs, batch_size, lr, eps, weight_decay, clip_norm
-        Adam on the per-cell negative ELBO; ``clip_norm`` clips the global gradient norm.
+        Adam on the per-cell negative ELBO; ``clip_norm`` clips the global gradient norm. In a
+        distributed run ``batch_size`` is the minibatch of all processes together.
     train_size, train_indices, validation_indices
         A seeded split of the cells (``train_size`` of them for training, the rest for validation),
         or explicit index arrays. With ``train_size=1`` there is no validation set.
@@ -330,7 +342,8 @@ def fit(
     seed
         Seeds Pyro / torch / numpy and the minibatch order.
     device
-        ``"cpu"`` or ``"cuda"``; minibatches are densified on the host and moved there.
+        ``"cpu"`` or ``"cuda"`` (or ``"cuda:1"``...): the modules are moved there, and each minibatch
+        (its rows read on the host) is moved there, sparse counts as a sparse tensor densified on the device.
     on_nonfinite, lr_reduction_factor, max_lr_reductions
         A NaN or inf in the loss or the gradients is caught at the step it appears, before any update.
         ``"raise"``: a :class:`TrainingError` naming the epoch and step; the parameters and buffers hold
@@ -350,6 +363,16 @@ def fit(
         replace the arguments') up to ``max_epochs``. On CPU,
         an interrupted and resumed run ends with the same parameters, bit for bit, as an uninterrupted
         one. Entries that callbacks add to the history must be numbers or strings to be checkpointed.
+    prefetch
+        Minibatches read ahead by a background thread while the model trains (0: none). ``None``: 2 when
+        the counts are backed on disk, else 0. Results are the same with and without.
+    distributed
+        ``None`` (default): train data-parallel when a ``torch.distributed`` process group of more than
+        one process is initialised (e.g. by :func:`pyro_sc.distributed.init_process_group` under
+        ``torchrun``); ``True``: require one; ``False``: train alone in this process. Each process trains
+        on its share of every minibatch and the gradients are averaged; process 0 writes the checkpoints.
+        See :mod:`pyro_sc.distributed` for what is shared. A resumed distributed run continues
+        correctly but is not bit-identical to an uninterrupted one.
 
     Returns
     -------
@@ -376,10 +399,23 @@ def fit(
             f"the checkpoint {resume} was written by a run with seed {checkpoint['seed']}, not {seed}: resume "
             "a run with the options it was started with"
         )
+    if prefetch is not None and prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0 (or None), got {prefetch}")
+    prefetch = (2 if data._backed else 0) if prefetch is None else prefetch
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # the current device is per thread: name it, for the prefetch thread (and each process's own GPU)
+        device = torch.device("cuda", torch.cuda.current_device())
+    replicas = Replicas(distributed, device)
+    if replicas.enabled and batch_size < 2 * replicas.world_size:
+        raise ValueError(
+            f"batch_size={batch_size} is the minibatch of all {replicas.world_size} processes together: it "
+            f"must give each process at least two cells (batch_size >= {2 * replicas.world_size})"
+        )
+    seed = replicas.agree_on_seed(seed)
     if seed is not None:
         pyro.set_rng_seed(seed)
     rng = np.random.default_rng(seed)
-    device = torch.device(device)
     elbo = elbo if elbo is not None else TraceEnum_ELBO(strict_enumeration_warning=False)
     for module in modules:
         module.to(device)
@@ -409,8 +445,16 @@ def fit(
         progress, best_state = _resume(
             checkpoint, modules=modules, params=params, optimizer=optimizer, rng=rng
         )
+    # every process starts from process 0's state (lazily created parameters included)
+    module_params = [p for module in modules for p in module.parameters()]
+    replicas.broadcast(list({id(t): t for t in [*module_params, *params, *_buffers(modules)]}.values()))
+    own_seed = None if seed is None else replicas.process_seed(seed, progress.epoch)
+    if own_seed is not None:
+        pyro.set_rng_seed(own_seed)
+    validation_share = replicas.split(validation_indices)
     bar = tqdm(
-        total=max_epochs, initial=progress.epoch, desc="training", disable=not progress_bar, leave=False
+        total=max_epochs, initial=progress.epoch, desc="training", leave=False,
+        disable=not progress_bar or replicas.rank != 0,
     )
     while progress.epoch < max_epochs:
         epoch = progress.epoch + 1
@@ -418,31 +462,36 @@ def fit(
         epoch_start = _snapshot(params, modules, optimizer) if on_nonfinite == "reduce_lr" else None
         step, fault = progress.step, None
         train_total, extra_total, n_seen = 0.0, 0.0, 0
-        for batch_step, idx in enumerate(iterate_minibatches(train_indices, batch_size, rng=rng), 1):
-            step += 1
-            kl_weight = 1.0 if not kl_warmup_steps else min(1.0, step / kl_warmup_steps)
-            mb = data.minibatch(idx, device=device).with_kl_weight(kl_weight)
-            buffers = [b.clone() for b in _buffers(modules)]
-            loss = elbo.differentiable_loss(model, guide, mb) / mb.n_obs
-            extra = extra_loss(mb) if extra_loss is not None else None
-            total = loss if extra is None else loss + extra
-            if not torch.isfinite(total):
-                fault = f"the loss became {total.item()}"
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm else math.inf)
-                fault = None if torch.isfinite(grad_norm) else "the gradients became non-finite"
-            if fault is not None:
-                with torch.no_grad():  # this step's forward pass may have moved e.g. batch-norm statistics
-                    for b, saved in zip(_buffers(modules), buffers):
-                        b.copy_(saved)
-                fault += f" at epoch {epoch}, step {batch_step} (global step {step})"
-                break
-            optimizer.step()
-            train_total += loss.item() * len(idx)
-            extra_total += 0.0 if extra is None else extra.item() * len(idx)
-            n_seen += len(idx)
+        # this process's share of each minibatch (all of it in a 1-process run), read ahead if asked
+        shares = replicas.shard(list(iterate_minibatches(train_indices, batch_size, rng=rng)))
+        minibatches = load_minibatches(data, [idx for idx, _ in shares], device=device, prefetch=prefetch)
+        with contextlib.closing(minibatches):
+            for batch_step, ((idx, weight), mb) in enumerate(zip(shares, minibatches), 1):
+                step += 1
+                kl_weight = 1.0 if not kl_warmup_steps else min(1.0, step / kl_warmup_steps)
+                mb = mb.with_kl_weight(kl_weight)
+                buffers = [b.clone() for b in _buffers(modules)]
+                loss = elbo.differentiable_loss(model, guide, mb) / mb.n_obs
+                extra = extra_loss(mb) if extra_loss is not None else None
+                total = loss if extra is None else loss + extra
+                fault = None if torch.isfinite(total) else f"the loss became {total.item()}"
+                if fault is None:
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                fault = replicas.reduce_gradients(params, weight, fault)  # averaged over the processes
+                if fault is None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm else math.inf)
+                    fault = None if torch.isfinite(grad_norm) else "the gradients became non-finite"
+                if fault is not None:
+                    with torch.no_grad():  # this step's forward pass may have moved batch-norm statistics
+                        for b, saved in zip(_buffers(modules), buffers):
+                            b.copy_(saved)
+                    fault += f" at epoch {epoch}, step {batch_step} (global step {step})"
+                    break
+                optimizer.step()
+                train_total += loss.item() * len(idx)
+                extra_total += 0.0 if extra is None else extra.item() * len(idx)
+                n_seen += len(idx)
 
         if fault is not None:
             if on_nonfinite == "raise":
@@ -470,6 +519,8 @@ def fit(
             continue
 
         progress.step = step
+        replicas.average_buffers(modules)
+        train_total, extra_total, n_seen = replicas.sum([train_total, extra_total, n_seen])
         record = {
             "epoch": epoch,
             "train_loss": train_total / n_seen,
@@ -480,13 +531,19 @@ def fit(
             "lr_reductions": progress.lr_reductions,
         }
         if len(validation_indices):
-            record["validation_loss"] = evaluate_loss(
-                model, guide, data, validation_indices, elbo=elbo, modules=modules,
+            validation_loss = evaluate_loss(
+                model, guide, data, validation_share, elbo=elbo, modules=modules,
                 batch_size=validation_batch_size, device=device,
             )
+            if replicas.enabled:  # each process's share of the validation cells, summed
+                n_share = len(validation_share)
+                total_loss, n_cells = replicas.sum([validation_loss * n_share, n_share])
+                validation_loss = total_loss / n_cells
+            record["validation_loss"] = validation_loss
         stop = False
         for callback in callbacks:
             stop = bool(callback(record)) or stop
+        stop = replicas.any(stop)
         record["seconds"] = time.perf_counter() - started
         progress.records.append(record)
         progress.epoch = epoch
@@ -504,7 +561,7 @@ def fit(
                 stop = stop or progress.epochs_since_best >= patience
         if stop:
             break
-        if checkpoint_every is not None and epoch % checkpoint_every == 0:
+        if checkpoint_every is not None and epoch % checkpoint_every == 0 and replicas.rank == 0:
             _write_checkpoint(
                 _checkpoint_file(checkpoint_path),
                 progress=progress,

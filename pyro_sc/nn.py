@@ -3,7 +3,8 @@
 :class:`MLP` is scVI's fully connected stack (Linear -> BatchNorm -> ReLU -> Dropout) with categorical
 covariates (e.g. the batch) injected into every layer. Concatenating a one-hot code to a layer's input
 and multiplying by the weights is the same as adding one weight column per category, which is how it
-is computed here (an index instead of a matrix product).
+is computed here (an index instead of a matrix product), which also lets a covariate broadcast against
+the cells (see :meth:`MLP.forward`).
 """
 
 from __future__ import annotations
@@ -74,10 +75,17 @@ class MLP(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, *cats: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (..., n_in) and integer covariates whose shapes broadcast with ``x.shape[:-1]``.
+
+        Broadcasting is cheap: with ``x`` of shape (cells, genes) and a covariate of shape (C, 1) (an
+        enumerated cell type), the first layer's product is computed once per cell and the result has
+        shape (C, cells, n_hidden). Batch normalisation sees all leading dimensions as one.
+        """
         if len(cats) != len(self.n_cat_list):
             raise ValueError(f"expected {len(self.n_cat_list)} categorical inputs, got {len(cats)}")
         for layer, post in zip(self.layers, self.post):
-            x = post(layer(x, cats))
+            h = layer(x, cats)
+            x = post(h.reshape(-1, h.shape[-1])).reshape(h.shape) if h.dim() > 2 else post(h)
         return x
 
 

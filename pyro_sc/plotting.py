@@ -12,7 +12,7 @@ from matplotlib import pyplot as plt
 
 __all__ = [
     "plot_history", "plot_embedding", "embed_2d", "plot_heatmap", "plot_confusion_matrix", "plot_lisi", "plot_trace",
-    "plot_embeddings",
+    "plot_embeddings", "plot_posterior_predictive",
 ]
 
 
@@ -273,6 +273,60 @@ def plot_embeddings(
         ax.set_yticks([])
         ax.set_title(name)
     axes[0, -1].legend(markerscale=3, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _per_gene_statistics(x_ng: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-gene mean, variance and fraction of zeros of a cells x genes matrix (over the last but one axis)."""
+    return {"mean": x_ng.mean(-2), "variance": x_ng.var(-2), "zero fraction": (x_ng == 0).mean(-2)}
+
+
+def plot_posterior_predictive(
+    x_observed_ng,
+    x_simulated_sng,
+    *,
+    interval: float = 0.9,
+    point_size: float = 8.0,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """A posterior predictive check: per-gene mean, variance and zero fraction of the observed counts
+    (x axis) against those of counts simulated from the fitted model (y axis: median over the replicates,
+    bars: their central ``interval``), one panel each, with the diagonal.
+
+    ``x_observed_ng`` is cells x genes; ``x_simulated_sng`` is replicates x the same cells x genes (e.g.
+    ``Predictive(poutine.uncondition(m.model), guide=m.guide, num_samples=20)(mb)["x"]``); arrays or
+    tensors. Each panel's title gives the share of genes whose observed statistic lies in the interval.
+    """
+    observed = np.asarray(x_observed_ng.toarray() if hasattr(x_observed_ng, "toarray") else x_observed_ng, float)
+    simulated = np.asarray(x_simulated_sng, dtype=float)
+    if observed.ndim != 2 or simulated.ndim != 3 or simulated.shape[1:] != observed.shape:
+        raise ValueError(
+            f"expected observed (cells, genes) and simulated (replicates, cells, genes) of the same cells and "
+            f"genes, got {observed.shape} and {simulated.shape}"
+        )
+    if not 0 < interval < 1:
+        raise ValueError(f"interval must be in (0, 1), got {interval}")
+    stats_obs, stats_sim = _per_gene_statistics(observed), _per_gene_statistics(simulated)
+    fig, axes = plt.subplots(1, 3, figsize=(13.0, 4.0))
+    for ax, name in zip(axes, stats_obs):
+        obs_g, sim_sg = stats_obs[name], stats_sim[name]
+        low_g, mid_g, high_g = np.quantile(sim_sg, [(1 - interval) / 2, 0.5, (1 + interval) / 2], axis=0)
+        inside = np.mean((obs_g >= low_g) & (obs_g <= high_g))
+        ax.errorbar(obs_g, mid_g, yerr=[mid_g - low_g, high_g - mid_g], fmt="none", ecolor="0.7", linewidth=0.8)
+        ax.scatter(obs_g, mid_g, s=point_size, linewidths=0)
+        lo, hi = min(obs_g.min(), low_g.min()), max(obs_g.max(), high_g.max())
+        if name != "zero fraction":
+            positive = np.concatenate([obs_g, low_g])[np.concatenate([obs_g, low_g]) > 0]
+            lo = positive.min() if positive.size else 1e-3
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.plot([lo, hi], [lo, hi], color="tab:red", linewidth=1)
+        ax.set_xlabel(f"observed {name}")
+        ax.set_ylabel(f"simulated {name}")
+        ax.set_title(f"{name}: {inside:.0%} of genes in the {interval:.0%} interval", fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

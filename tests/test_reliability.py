@@ -550,3 +550,39 @@ def test_no_call_mutates_the_users_anndata(env, tmp_path):
     model.train(max_epochs=2, num_restarts=1)
     model.predict(ca_adata)
     assert_same_adata(ca_adata, ca_before)
+
+
+def with_seed_labels(adata: anndata.AnnData) -> anndata.AnnData:
+    adata = adata.copy()
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    adata.obs["seed_labels"] = np.where(np.arange(adata.n_obs) % 5 == 0, truth, "Unknown")
+    return adata
+
+
+@pytest.mark.parametrize("method", ["SCANVI", "CAPVI"])
+def test_cell_type_vaes_same_seed_same_data_same_result_and_no_mutation(env, method, tmp_path):
+    adata = with_seed_labels(env.adata)
+    before = adata.copy()
+
+    def run(seed):
+        if method == "SCANVI":
+            model = pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown",
+                                   batch_key="batch", **SMALL)
+            model.train(max_epochs=3, seed=seed, progress_bar=False, batch_size=64)
+        else:
+            model = pyro_sc.CAPVI(adata, labels_key="seed_labels", unlabeled_category="Unknown",
+                                  batch_key="batch", **SMALL)
+            model.train(max_epochs=(3, 2, 2), seed=seed, progress_bar=False, batch_size=64)
+        return model, state_of(model), model.predict(adata), model.get_latent_representation(adata)
+
+    model, *first = run(5)
+    _, *second = run(5)
+    _, *other = run(6)
+    assert_same_state(first[0], second[0])
+    pd.testing.assert_frame_equal(first[1], second[1])
+    np.testing.assert_array_equal(first[2], second[2])
+    assert not np.array_equal(first[2], other[2])  # the seed does matter
+    model.get_marginal_ll(adata, n_samples=2)
+    model.save(tmp_path / "m.pt")
+    type(model).load(tmp_path / "m.pt", adata)
+    assert_same_adata(adata, before)

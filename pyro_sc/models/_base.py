@@ -8,23 +8,36 @@ driver (:func:`pyro_sc.infer.fit`), saves / loads it, and answers queries.
 A subclass writes ``_make_module`` and its queries, and may override ``_elbo`` (the loss),
 ``_extra_loss`` (the driver's hook for an additional loss term) and ``_train_defaults``.
 
+**Another guide, the model untouched.** :meth:`BaseModel.set_guide` replaces the guide that training
+uses (``guide``) by a Pyro autoguide class built on the method's model, or by any callable taking a
+:class:`~pyro_sc.data.Minibatch` (a function, a ``PyroModule``); ``set_guide(None)`` goes back to the
+method's own guide (``method_guide``). A subclass may instead override ``guide`` (or ``method_guide``).
+The driver trains a custom guide's parameters with the module's, and ``save`` / ``load`` keep them.
+
 Files written by :meth:`BaseModel.save` carry a format version (:data:`SAVE_FORMAT`) and the package
 version; :meth:`BaseModel.load` states its rule for files from other versions.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import warnings
-from typing import Any, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import pyro
 import torch
 from anndata import AnnData
+from pyro import poutine
 from pyro.infer import ELBO, TraceEnum_ELBO
+from pyro.infer.autoguide import AutoGuide
 from pyro.nn import PyroModule
+from pyro.poutine.util import site_is_subsample
+from torch import nn
 
 from .. import __version__
 from ..data import AnnDataSetup, Minibatch, iterate_minibatches
@@ -48,6 +61,12 @@ class BaseModel:
         self._rebuild_on_seeded_train = True
         self.history: pd.DataFrame | None = None
         self.device = torch.device("cpu")
+        # set_guide's state: the custom guide (None: the method's own), how it was built from an autoguide
+        # class (class, its sites, its options; None otherwise) and a guide module's initial parameters.
+        self._custom_guide: Callable | None = None
+        self._autoguide_spec: tuple[type, list[str], dict] | None = None
+        self._guide_initial_state: dict | None = None
+        self._latent_sites: dict[str, bool] | None = None  # the method guide's latent sites -> discrete?
 
     # ----------------------------------------------------------------------- for subclasses to write
     @classmethod
@@ -76,18 +95,179 @@ class BaseModel:
         return AnnDataSetup.from_registry(adata, registry)
 
     def _build_under_seed(self, seed: int | None) -> None:
-        """Rebuild the freshly made module under ``seed`` (once, before the first training)."""
+        """Rebuild the freshly made module (and a custom guide) under ``seed`` (once, before the first training)."""
         if not self.is_trained and seed is not None and self._rebuild_on_seeded_train:
             pyro.set_rng_seed(seed)
             self.module = self._make_module(self.setup, **self.module_kwargs)
+            self._reset_guide()
             self._rebuild_on_seeded_train = False
 
     # ------------------------------------------------------------------------------- model and guide
     def model(self, mb: Minibatch):
+        """The method's generative model (its module's ``model``)."""
         return self.module.model(mb)
 
-    def guide(self, mb: Minibatch):
+    def method_guide(self, mb: Minibatch):
+        """The method's own guide (its module's ``guide``), whatever :meth:`set_guide` installed."""
         return self.module.guide(mb)
+
+    def guide(self, mb: Minibatch):
+        """The guide training, validation and the marginal likelihood use: the one :meth:`set_guide`
+        installed, else :meth:`method_guide`. An autoguide built from a class samples its sites under the
+        KL warm-up weight (as the package's models scale their latent sites); the method's own guide
+        samples the latent sites the autoguide does not cover."""
+        if self._custom_guide is None:
+            return self.method_guide(mb)
+        guide = self._custom_guide
+        if isinstance(guide, nn.Module):
+            # The driver trains a guide module's parameters as those of one of its modules (see
+            # _modules); its param statements are hidden from it, as a PyroModule's plain nn.Parameters
+            # (e.g. AutoMultivariateNormal's loc) reach them without the constrained/unconstrained pair
+            # that infer.collect_parameters reads.
+            guide = poutine.block(guide, hide_types=["param"])
+        if self._autoguide_spec is None:
+            return guide(mb)
+        _, sites, _ = self._autoguide_spec
+        with poutine.scale(scale=mb.kl_weight):
+            values = guide(mb)
+        if set(self._guide_latent_sites()) - set(sites):
+            poutine.block(self.method_guide, hide=sites)(mb)
+        return values
+
+    @property
+    def custom_guide(self) -> Callable | None:
+        """The guide installed by :meth:`set_guide` (an autoguide built from a class: the autoguide), or None."""
+        return self._custom_guide
+
+    def set_guide(
+        self, guide: Callable | type | None, *, sites: Sequence[str] | None = None, **autoguide_kwargs: Any
+    ) -> "BaseModel":
+        """Train (and query) with another guide; the model is left as it is. Returns ``self``.
+
+        ``guide`` is one of
+
+        * a Pyro autoguide **class** (``AutoNormal``, ``AutoDelta``, ``AutoMultivariateNormal``,
+          ``AutoLowRankMultivariateNormal``, ...). It is built here on the method's model with every site
+          but ``sites`` blocked (``poutine.block(model, expose=sites)``); ``sites`` defaults to the
+          continuous latent sites of the method's own guide: CellAssign's ``pi`` and ``delta`` (its cell
+          type ``z`` is enumerated in the model, so it stays blocked: an autoguide cannot sample a site
+          that is summed out), scVI's ``z`` (and ``l``): one set of parameters per cell, not amortised,
+          so for ``AutoNormal`` / ``AutoDelta``, which follow the ``cells`` plate's subsample; the
+          ``AutoContinuous`` family (``AutoMultivariateNormal``, ...) handles global sites only. The
+          method's own guide goes on sampling its latent sites outside ``sites`` (e.g. a cell type it
+          enumerates). ``autoguide_kwargs`` go to the class (e.g. ``init_scale=0.05``). The guide is
+          rebuilt whenever the parameters are (the first seeded ``train``, each CellAssign restart).
+        * any **callable** taking a :class:`~pyro_sc.data.Minibatch`: a function, a ``PyroModule``, an
+          autoguide instance (e.g. ``AutoNormal(poutine.block(m.model, expose=["delta"]))``). It must
+          sample every latent site of the model that the model does not enumerate, with the ``cells``
+          plate as ``pyro.plate("cells", mb.n_obs, subsample=mb.idx_n)``. The parameters of an
+          ``nn.Module`` are trained, saved and put back to their initial values at each restart;
+          ``pyro.param`` sites of a plain function are trained (they live in Pyro's global parameter
+          store) but cannot be saved.
+        * ``None``: the method's own guide again.
+
+        Queries that read the method's own networks (e.g. scVI's latent representation) still use them;
+        CellAssign's ``predict`` uses the custom guide's posterior. A subclass may instead override
+        ``guide`` (called with the raw minibatch, like ``model``).
+        """
+        self._custom_guide, self._autoguide_spec, self._guide_initial_state = None, None, None
+        if guide is None:
+            if sites is not None or autoguide_kwargs:
+                raise ValueError("sites= and autoguide options go with an autoguide class, not guide=None")
+            return self
+        if isinstance(guide, type):
+            if not issubclass(guide, AutoGuide):
+                raise TypeError(
+                    f"a guide class must be a Pyro autoguide (pyro.infer.autoguide), got {guide.__name__}; "
+                    "pass a guide instance or function instead"
+                )
+            available = self._guide_latent_sites()
+            chosen = [s for s in available if not self._guide_site_is_discrete(s)] if sites is None else list(sites)
+            unknown = [s for s in chosen if s not in available]
+            if unknown:
+                raise ValueError(
+                    f"{unknown} are not latent sites of {type(self).__name__}'s guide; it samples {available}"
+                )
+            if not chosen:
+                raise ValueError(f"no continuous latent site for {guide.__name__} in {type(self).__name__}'s guide")
+            self._autoguide_spec = (guide, chosen, dict(autoguide_kwargs))
+            self._custom_guide = self._build_autoguide()
+        else:
+            if sites is not None or autoguide_kwargs:
+                raise ValueError("sites= and autoguide options go with an autoguide class, not a guide instance")
+            if not callable(guide):
+                raise TypeError(f"guide must be callable (taking a Minibatch), got {type(guide).__name__}")
+            self._custom_guide = guide
+            self._materialize_guide()
+        if isinstance(self._custom_guide, nn.Module):
+            self._guide_initial_state = copy.deepcopy(self._custom_guide.state_dict())
+        return self
+
+    # helpers of set_guide
+    @contextmanager
+    def _probing(self) -> Iterator[Minibatch]:
+        """A few cells to trace the model or a guide on, with every module in eval mode meanwhile (a probe
+        must not move batch-norm statistics); the modes are restored after."""
+        modules = self._modules()
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            yield self.setup.minibatch(np.arange(min(self.setup.n_obs, 8)), device=self.device)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+    def _guide_latent_sites(self) -> list[str]:
+        """The latent sites the method's own guide samples (not observed, auxiliary or subsample sites)."""
+        if self._latent_sites is None:
+            with self._probing() as mb, torch.no_grad():
+                trace = poutine.trace(self.method_guide).get_trace(mb)
+            self._latent_sites = {
+                name: bool(getattr(site["fn"].support, "is_discrete", False))
+                for name, site in trace.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+                and not site["infer"].get("is_auxiliary")
+            }
+        return list(self._latent_sites)
+
+    def _guide_site_is_discrete(self, name: str) -> bool:
+        self._guide_latent_sites()
+        return self._latent_sites[name]
+
+    def _build_autoguide(self) -> Callable:
+        guide_class, sites, kwargs = self._autoguide_spec
+        if "create_plates" in inspect.signature(guide_class).parameters and "create_plates" not in kwargs:
+            # the autoguide's cells plate subsamples the minibatch's cells, as the model's does
+            kwargs = {**kwargs, "create_plates": lambda mb: pyro.plate("cells", mb.n_obs, subsample=mb.idx_n)}
+        self._custom_guide = guide_class(poutine.block(self.model, expose=sites), **kwargs)
+        self._materialize_guide()
+        return self._custom_guide
+
+    def _materialize_guide(self) -> None:
+        """Run the custom guide once so lazily made parameters (autoguides) exist, and fail early."""
+        if isinstance(self._custom_guide, nn.Module):
+            self._custom_guide.to(self.device)
+        try:
+            with self._probing() as mb, poutine.block():
+                self.guide(mb)
+        except NotImplementedError as error:
+            raise ValueError(
+                f"the guide cannot handle {type(self).__name__}'s sites ({error}); cell-level sites need "
+                "AutoNormal / AutoDelta or sites=[...] naming global sites only"
+            ) from error
+
+    def _reset_guide(self) -> None:
+        """A fresh custom guide for freshly made parameters: an autoguide class is built again, a guide
+        module gets its initial parameters back."""
+        if self._autoguide_spec is not None:
+            self._custom_guide = self._build_autoguide()
+        elif isinstance(self._custom_guide, nn.Module) and self._guide_initial_state is not None:
+            self._custom_guide.load_state_dict(copy.deepcopy(self._guide_initial_state))
+
+    def _modules(self) -> list[nn.Module]:
+        """The modules holding the trained parameters: the method's module, and a custom guide module."""
+        return [self.module] + ([self._custom_guide] if isinstance(self._custom_guide, nn.Module) else [])
 
     @property
     def adata(self) -> AnnData:
@@ -131,7 +311,7 @@ class BaseModel:
             self.model,
             self.guide,
             self.setup,
-            modules=[self.module],
+            modules=self._modules(),
             elbo=options.pop("elbo", None) or self._elbo(),
             extra_loss=options.pop("extra_loss", None) or self._extra_loss(),
             **options,
@@ -180,7 +360,7 @@ class BaseModel:
         model, guide = self._marginal_ll_pair()
         ll_n = marginal_log_likelihood(
             model, guide, setup, n_samples=n_samples, batch_size=batch_size,
-            max_plate_nesting=self.module.max_plate_nesting, modules=[self.module], device=self.device,
+            max_plate_nesting=self.module.max_plate_nesting, modules=self._modules(), device=self.device,
             seed=seed,
         )
         return float(ll_n.mean())
@@ -188,9 +368,27 @@ class BaseModel:
     # ------------------------------------------------------------------------------ saving, loading
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the parameters, the data registry, the options and the history to one file, with the
-        file format (:data:`SAVE_FORMAT`) and the package version."""
+        file format (:data:`SAVE_FORMAT`) and the package version.
+
+        A custom guide (:meth:`set_guide`) that is an ``nn.Module`` (an autoguide, a ``PyroModule``) is
+        written too, its parameters and how it was built (an autoguide class's name and sites); one that
+        is a plain function is refused (its ``pyro.param`` sites live in Pyro's global store)."""
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        guide = None
+        if self._custom_guide is not None:
+            if not isinstance(self._custom_guide, nn.Module):
+                raise TypeError(
+                    f"the custom guide {getattr(self._custom_guide, '__name__', self._custom_guide)!r} is not an "
+                    "nn.Module, so save() cannot find its parameters (pyro.param sites live in Pyro's global "
+                    "parameter store): write it as a PyroModule, or pass an autoguide to set_guide()"
+                )
+            spec = self._autoguide_spec
+            guide = {
+                "class": spec[0].__name__ if spec else type(self._custom_guide).__name__,
+                "sites": list(spec[1]) if spec else None,
+                "state_dict": {k: v.cpu() for k, v in self._custom_guide.state_dict().items()},
+            }
         torch.save(
             {
                 "format_version": SAVE_FORMAT,
@@ -200,13 +398,19 @@ class BaseModel:
                 "registry": self.setup.registry(),
                 "state_dict": {k: v.cpu() for k, v in self.module.state_dict().items()},
                 "history": None if self.history is None else self.history.to_dict(orient="list"),
+                "guide": guide,
             },
             path,
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, adata: AnnData):
+    def load(cls, path: str | os.PathLike, adata: AnnData, *, guide: Callable | type | None = None):
         """Rebuild a saved model on ``adata`` (the same genes; batches among the known ones).
+
+        A model saved with a custom guide needs ``guide``: the same autoguide class, or a guide module
+        built the same way as the saved one (e.g. a new instance of the user's ``PyroModule``); its saved
+        parameters are put into it (:meth:`set_guide` installs it). Without ``guide`` that is an error,
+        as is a ``guide`` for a file saved without one.
 
         The rule for files from other versions: a file of a newer format than this package's
         :data:`SAVE_FORMAT` is an error (upgrade pyro_sc); formats up to it are read (format 0, written
@@ -246,9 +450,41 @@ class BaseModel:
                 f"{error}"
             ) from None
         obj._rebuild_on_seeded_train = False
+        obj._load_guide(path, saved.get("guide"), guide)
         obj.module.eval()
         obj.history = None if saved["history"] is None else pd.DataFrame(saved["history"])
         return obj
+
+    def _load_guide(self, path, saved: dict | None, guide: Callable | type | None) -> None:
+        """Install ``guide`` with the custom guide's parameters saved in ``path`` (see :meth:`load`)."""
+        if saved is None and guide is None:
+            return
+        if saved is None:
+            raise ValueError(
+                f"{path} was saved without a custom guide, so it holds no parameters for the guide passed; "
+                "load it without guide= and call set_guide() to train a new one"
+            )
+        if guide is None:
+            raise ValueError(
+                f"{path} was saved with a custom guide ({saved['class']}) whose parameters it holds: pass it "
+                f"again, e.g. {type(self).__name__}.load(path, adata, guide={saved['class']})"
+            )
+        if isinstance(guide, type) and saved["sites"] is not None:
+            self.set_guide(guide, sites=saved["sites"])
+        else:
+            self.set_guide(guide)
+        if not isinstance(self._custom_guide, nn.Module):
+            raise TypeError(
+                f"the guide passed is not an nn.Module: it cannot take the saved {saved['class']}'s parameters"
+            )
+        try:
+            self._custom_guide.load_state_dict(saved["state_dict"])
+        except RuntimeError as error:
+            raise ValueError(
+                f"the guide passed does not fit the saved custom guide ({saved['class']}) of {path}: {error}"
+            ) from None
+        self._guide_initial_state = copy.deepcopy(self._custom_guide.state_dict())
+        self._custom_guide.eval()
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "not trained"

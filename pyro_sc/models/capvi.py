@@ -122,21 +122,8 @@ class CAPVIModule(SCVIModule):
 
     def encode_z(self, mb: Minibatch, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and scale of q(z | x, c, s) for types ``c`` broadcasting against the cells, e.g. the
-        enumerated (C, 1): the rows are flattened to (C * cells) for the network and shaped back."""
-        shape = torch.broadcast_shapes(c.shape, (len(mb),))
-        x_ng = torch.log1p(mb.x_ng)
-        loc, scale = self.z_encoder(
-            x_ng.expand(*shape, x_ng.shape[-1]).reshape(-1, x_ng.shape[-1]),
-            c.expand(shape).reshape(-1),
-            self._batch(mb).expand(shape).reshape(-1),
-        )
-        return loc.reshape(*shape, -1), scale.reshape(*shape, -1)
-
-    def decode_any(self, z_nk: torch.Tensor, batch_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`decode` for latents with extra leading dimensions (e.g. (C, cells, K))."""
-        shape = z_nk.shape[:-1]
-        rho, zi = self.decode(z_nk.reshape(-1, z_nk.shape[-1]), batch_n.expand(shape).reshape(-1))
-        return rho.reshape(*shape, -1), None if zi is None else zi.reshape(*shape, -1)
+        enumerated (C, 1): (C, cells, n_latent)."""
+        return self.z_encoder(torch.log1p(mb.x_ng), c, self._batch(mb))
 
     def _labels(self, mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
         y_n = mb.y_n if (self.use_labels and mb.y_n is not None) else None
@@ -158,7 +145,7 @@ class CAPVIModule(SCVIModule):
                 z_nk = pyro.sample("z", dist.Normal(self.mu_ck[c_n], self.sigma).to_event(1))
                 scale_n = self.library_log_var_b[batch_n].sqrt()
                 l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
-            rho_ng, zi_logits_ng = self.decode_any(z_nk, batch_n)
+            rho_ng, zi_logits_ng = self.decode(z_nk, batch_n)  # (C, cells, genes) for enumerated c
             mu_ng = l_n.unsqueeze(-1) * rho_ng
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
@@ -241,8 +228,6 @@ class CAPVI(BaseModel):
         setup = AnnDataSetup(
             adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category
         )
-        if not (setup.label_codes_n >= 0).any():
-            raise DataError(f"no cell in {labels_key!r} has a label; capVI's classifier is trained on labels")
         if penalty < 0:
             raise ValueError(f"penalty must be >= 0, got {penalty}")
         super().__init__(

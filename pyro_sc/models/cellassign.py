@@ -27,11 +27,14 @@ the span of the centres, so :math:`\phi` stays sane even far outside it.
 built into the parametrisation, :math:`\delta = \delta_{\min} + e^u`). With :math:`z` marginalised in the
 model, each step is an exact E step (the responsibilities) and a gradient M step on a minibatch. The
 loss is the negative log joint, with no entropy term rewarding confident assignments. Any other guide
-over ``pi`` and ``delta`` (e.g. ``AutoNormal`` for posterior uncertainty) trains through the same driver.
+over ``pi`` and ``delta`` trains through the same driver (:meth:`BaseModel.set_guide`, e.g.
+``set_guide(AutoNormal)`` or ``set_guide(AutoMultivariateNormal)`` for a posterior over them; ``z`` stays
+enumerated in the model); ``predict(n_samples=...)`` then averages the type probabilities over it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import replace
@@ -320,7 +323,8 @@ class CellAssign(BaseModel):
             raise DataError(f"marker genes found in more than one column of the data: {ambiguous[:10]}")
         columns = [position[g][0] for g in marker_genes]
         if setup_kwargs.get("size_factor_key") is None:
-            full = AnnDataSetup(adata, layer=setup_kwargs.get("layer"))  # checks every count, all genes
+            # checks every count of all genes; genes without counts are harmless for size factors
+            full = AnnDataSetup(adata, layer=setup_kwargs.get("layer"), allow_empty_genes=True)
             library_mean = float(full.library_n.mean()) if library_mean is None else library_mean
             size_factor_n = full.library_n / library_mean
         markers = adata[:, columns].copy()  # only the marker columns: the user's AnnData is untouched
@@ -372,7 +376,7 @@ class CellAssign(BaseModel):
     def model(self, mb: Minibatch):
         return self.module.model(self._design(mb))
 
-    def guide(self, mb: Minibatch):
+    def method_guide(self, mb: Minibatch):
         return self.module.guide(self._design(mb))
 
     def _elbo(self):
@@ -402,8 +406,12 @@ class CellAssign(BaseModel):
         loss (the negative log joint per held-out cell, types summed out) is then trained on until that
         loss has not improved by ``early_stopping_min_delta`` for ``patience`` epochs (``screen_epochs=None`` trains
         every restart to convergence). ``restart_losses`` records each restart's screening loss.
-        ``guide`` replaces the MAP guide (a callable over ``pi`` and ``delta`` taking a Minibatch, e.g.
-        an ``AutoNormal``); the driver finds its parameters.
+
+        ``guide`` replaces the MAP guide: it is ``set_guide(guide)`` (see :meth:`BaseModel.set_guide`:
+        an autoguide class such as ``AutoNormal``, built over ``pi`` and ``delta``, or a callable over
+        them taking a Minibatch); without it the guide last set is used (the MAP guide by default).
+        Each restart starts the guide afresh (an autoguide class is built again, a guide module gets its
+        initial parameters back) and the winning restart's guide is kept.
         """
         if num_restarts < 1:
             raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
@@ -414,7 +422,8 @@ class CellAssign(BaseModel):
             train_indices=train_idx, validation_indices=val_idx if len(val_idx) else None,
             progress_bar=progress_bar, **fit_kwargs,
         )
-        self.custom_guide = guide
+        if guide is not None:
+            self.set_guide(guide)
         screening = screen_epochs is not None and num_restarts > 1
         candidates = []
         for restart in range(num_restarts):
@@ -422,11 +431,17 @@ class CellAssign(BaseModel):
             if restart_seed is not None:
                 pyro.set_rng_seed(restart_seed)
             self.module = self._make_module(self.setup, **self.module_kwargs)
+            self._reset_guide()
             history = self._fit(max_epochs=screen_epochs if screening else max_epochs, seed=restart_seed, **options)
             monitored = history["validation_loss"] if len(val_idx) else history["train_loss"]
-            candidates.append((float(monitored.min()), self.module, history, restart_seed))
+            guide_state = (
+                copy.deepcopy(self.custom_guide.state_dict()) if isinstance(self.custom_guide, nn.Module) else None
+            )
+            candidates.append((float(monitored.min()), self.module, guide_state, history, restart_seed))
         self.restart_losses = [c[0] for c in candidates]
-        _, self.module, history, restart_seed = min(candidates, key=lambda c: c[0])
+        _, self.module, guide_state, history, restart_seed = min(candidates, key=lambda c: c[0])
+        if guide_state is not None:
+            self.custom_guide.load_state_dict(guide_state)
         if screening:
             more = self._fit(max_epochs=max_epochs - screen_epochs, seed=restart_seed, **options)
             more["epoch"] += int(history["epoch"].max())
@@ -436,39 +451,71 @@ class CellAssign(BaseModel):
         return history
 
     def _fit(self, **options) -> pd.DataFrame:
-        guide = self.guide if self.custom_guide is None else self.custom_guide
-        modules = [self.module] + ([guide] if isinstance(guide, nn.Module) else [])
-        return fit(self.model, guide, self.setup, modules=modules, elbo=self._elbo(), **options)
+        return fit(self.model, self.guide, self.setup, modules=self._modules(), elbo=self._elbo(), **options)
 
     # --------------------------------------------------------------------------------------- queries
     @property
     def cell_types(self) -> list[str]:
         return list(self.module_kwargs["cell_types"])
 
+    def _guide_draw(self) -> dict[str, torch.Tensor]:
+        """One draw of pi and delta from the guide (the MAP guide: its point masses)."""
+        with self._probing() as mb:
+            trace = pyro.poutine.trace(self.guide).get_trace(mb)
+        return {name: trace.nodes[name]["value"] for name in ("pi", "delta")}
+
     def _point_estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi and delta at the MAP, or at the posterior median of a custom guide (e.g. an autoguide)."""
-        guide = getattr(self, "custom_guide", None)
-        if guide is None:
+        """pi and delta at the MAP, or at the posterior median of a custom guide (e.g. an autoguide;
+        a guide without ``median`` gives one draw, its value for a point-mass guide)."""
+        if self.custom_guide is None:
             return self.module.map_pi(), self.module.map_delta()
-        if hasattr(guide, "median"):
-            median = guide.median()
-            return median["pi"], median["delta"]
-        trace = pyro.poutine.trace(guide).get_trace(self.setup.minibatch(np.arange(min(2, self.setup.n_obs))))
-        return trace.nodes["pi"]["value"], trace.nodes["delta"]["value"]
+        values = dict(self.custom_guide.median()) if hasattr(self.custom_guide, "median") else {}
+        if not {"pi", "delta"} <= set(values):
+            values = {**self._guide_draw(), **values}
+        return values["pi"], values["delta"]
+
+    def _guide_draws(self, n_samples: int, seed: int | None) -> list[dict[str, torch.Tensor]]:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return [self._guide_draw() for _ in range(n_samples)]
 
     @torch.no_grad()
-    def predict(self, adata: AnnData | None = None, *, batch_size: int = 4096) -> pd.DataFrame:
-        """Posterior probabilities gamma_nc of each cell type (cells x types), at the point estimate of
-        pi and delta (the MAP; a custom guide's median)."""
+    def posterior_samples(self, n_samples: int = 100, *, seed: int | None = 0) -> dict[str, np.ndarray]:
+        """``n_samples`` draws of the guide's posterior: ``"pi"`` (samples, types) and ``"delta"``
+        (samples, genes, types; 0 where a gene is not a marker). Every draw is the same under the MAP guide.
+        ``seed`` makes them reproducible (the global RNG is left as it was)."""
+        self._check_trained()
+        draws = self._guide_draws(n_samples, seed)
+        pi_sc = torch.stack([d["pi"] for d in draws])
+        delta_sgc = self.module.delta_cg(torch.stack([d["delta"] for d in draws])).transpose(-1, -2)
+        return {"pi": pi_sc.cpu().numpy(), "delta": delta_sgc.cpu().numpy()}
+
+    @torch.no_grad()
+    def predict(
+        self, adata: AnnData | None = None, *, n_samples: int = 0, seed: int | None = 0, batch_size: int = 4096
+    ) -> pd.DataFrame:
+        """Posterior probabilities gamma_nc of each cell type (cells x types).
+
+        By default at the point estimate of pi and delta (the MAP; a custom guide's median). With
+        ``n_samples > 0``, averaged over that many draws of pi and delta from the guide (a custom guide
+        with a posterior over them, see :meth:`set_guide`), so their uncertainty enters each cell's
+        probabilities; ``seed`` makes the draws reproducible.
+        """
         self._check_trained()
         setup = self._setup_for(adata)
-        pi_c, delta_m = self._point_estimates()
-        log_pi_c = pi_c.log()
+        if n_samples > 0:
+            params = [(d["pi"], d["delta"]) for d in self._guide_draws(n_samples, seed)]
+        else:
+            params = [self._point_estimates()]
         out = []
         for mb in self._minibatches(setup, batch_size):
-            log_mu_cng, phi_cng = self.module.type_means(self._design(mb), delta_m)
-            log_lik_cn = NegativeBinomial(log_mu_cng.exp(), phi_cng, validate_args=False).log_prob(mb.x_ng).sum(-1)
-            out.append(torch.softmax(log_lik_cn.T + log_pi_c, -1))
+            gamma_nc = 0.0
+            for pi_c, delta_m in params:
+                log_mu_cng, phi_cng = self.module.type_means(self._design(mb), delta_m)
+                log_lik_cn = NegativeBinomial(log_mu_cng.exp(), phi_cng, validate_args=False).log_prob(mb.x_ng).sum(-1)
+                gamma_nc = gamma_nc + torch.softmax(log_lik_cn.T + pi_c.log(), -1)
+            out.append(gamma_nc / len(params))
         return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.cell_types)
 
     def predict_labels(self, adata: AnnData | None = None, *, threshold: float = 0.0) -> pd.Series:

@@ -92,7 +92,9 @@ class ETMModule(PyroModule):
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
         self.n_topics = n_topics
-        self.encoder = GaussianEncoder(n_genes, n_topics, n_hidden=n_hidden, n_layers=1, dropout_rate=dropout_rate)
+        self.encoder = GaussianEncoder(
+            n_genes, n_topics, n_hidden=n_hidden, n_layers=1, dropout_rate=dropout_rate
+        )
         # alpha rho^T starts with unit-variance logits: topics close to uniform over genes
         self.alpha_kl = nn.Parameter(torch.randn(n_topics, n_embedding))
         self.rho_gl = nn.Parameter(torch.randn(n_genes, n_embedding) / n_embedding**0.5)
@@ -313,7 +315,8 @@ class ETM(BaseModel):
         else:
             categories = self.setup.batch_categories
             if categories is None or batch not in categories:
-                raise KeyError(f"unknown batch {batch!r}; known: {[] if categories is None else list(categories)}")
+                known = [] if categories is None else list(categories)
+                raise KeyError(f"unknown batch {batch!r}; known: {known}")
             beta_kg = self.module.beta()[int(categories.get_loc(batch))]
         return pd.DataFrame(beta_kg.cpu().numpy(), index=self._topic_names(), columns=self.setup.var_names)
 

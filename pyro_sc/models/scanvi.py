@@ -51,17 +51,7 @@ from ..nn import MLP, GaussianEncoder
 from ._base import BaseModel
 from .scvi import SCVI, Dispersion, Likelihood, SCVIModule
 
-__all__ = ["SCANVI", "SCANVIModule", "known_labels_as_point_masses", "over_labels", "without_labels"]
-
-
-def over_labels(net: nn.Module, h_nk: torch.Tensor, y_n: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``net(h, y)`` for inputs whose batch shapes broadcast, e.g. an enumerated ``y`` of shape (C, 1)
-    against cells ``h`` of shape (n, k): flattened to (C * n) rows for the network (batch normalisation
-    wants 2-D input), the outputs reshaped to the broadcast shape (C, n, ...)."""
-    shape = torch.broadcast_shapes(h_nk.shape[:-1], y_n.shape)
-    rows = h_nk.expand(*shape, h_nk.shape[-1]).reshape(-1, h_nk.shape[-1])
-    out = net(rows, y_n.expand(shape).reshape(-1))
-    return tuple(o.reshape(*shape, o.shape[-1]) for o in out)
+__all__ = ["SCANVI", "SCANVIModule", "known_labels_as_point_masses", "without_labels"]
 
 
 def without_labels(mb: Minibatch) -> Minibatch:
@@ -137,7 +127,7 @@ class SCANVIModule(SCVIModule):
             )
             with poutine.scale(scale=mb.kl_weight):
                 z2_nk = pyro.sample("z2", dist.Normal(mb.x_ng.new_zeros(self.n_latent), 1.0).to_event(1))
-                loc_nk, scale_nk = over_labels(self.z1_prior_net, z2_nk, y_n)
+                loc_nk, scale_nk = self.z1_prior_net(z2_nk, y_n)  # broadcasts over the enumerated y
                 z1_nk = pyro.sample("z1", dist.Normal(loc_nk, scale_nk).to_event(1))
                 if self.latent_library:
                     scale_n = self.library_log_var_b[batch_n].sqrt()
@@ -161,7 +151,7 @@ class SCANVIModule(SCVIModule):
             logits_nc = known_labels_as_point_masses(self.classify(z1_nk), y_obs_n, labelled_n)
             y_n = pyro.sample("y_unobserved", dist.Categorical(logits=logits_nc), infer={"enumerate": "parallel"})
             with poutine.scale(scale=mb.kl_weight):
-                loc2, scale2 = over_labels(self.z2_encoder, z1_nk, y_n)
+                loc2, scale2 = self.z2_encoder(z1_nk, y_n)
                 pyro.sample("z2", dist.Normal(loc2, scale2).to_event(1))
 
 
@@ -216,8 +206,6 @@ class SCANVI(SCVI):
         setup = AnnDataSetup(
             adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category
         )
-        if not (setup.label_codes_n >= 0).any():
-            raise DataError(f"no cell in {labels_key!r} has a label (every cell is {unlabeled_category!r})")
         BaseModel.__init__(
             self, setup, likelihood=likelihood, dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden,
             n_layers=n_layers, dropout_rate=dropout_rate, latent_library=latent_library,
@@ -322,7 +310,9 @@ class SCANVI(SCVI):
             if getattr(self, "pretrained", False):
                 max_epochs = max(20, round(max_epochs / 3))
         train_size = fit_kwargs.get("train_size", 0.9)
-        steps_per_epoch = max(1, int(np.ceil(train_size * n_obs)) // batch_size)
+        given = fit_kwargs.get("train_indices")
+        n_train = len(given) if given is not None else int(np.ceil(train_size * n_obs))
+        steps_per_epoch = max(1, n_train // batch_size)
         warmup = n_epochs_kl_warmup * steps_per_epoch if n_epochs_kl_warmup else None
         self._labelled_batch_size = batch_size
         return BaseModel.train(

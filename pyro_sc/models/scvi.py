@@ -169,6 +169,16 @@ class SCVI(BaseModel):
         Infer the library size with a log-normal prior per batch instead of observing it.
     encode_covariates
         Give the batch to the encoder too (default: the decoder only).
+    allow_non_integer
+        Accept non-integer counts (e.g. ambient-corrected data); see :class:`~pyro_sc.data.AnnDataSetup`.
+    module_kwargs
+        Further options of :attr:`module_class` (a custom module's, e.g. a prior's number of components).
+
+    Another prior, or any other change to the module, is a subclass of :class:`SCVIModule` overriding
+    one method (``prior_z``, ``theta``, ``decode``, ...) plugged in as :attr:`module_class`::
+
+        class MoGSCVI(pyro_sc.SCVI):
+            module_class = MixturePriorModule
 
     Examples
     --------
@@ -176,6 +186,10 @@ class SCVI(BaseModel):
     >>> model.train(max_epochs=100)
     >>> adata.obsm["X_scvi"] = model.get_latent_representation()
     """
+
+    module_class: type[SCVIModule] = SCVIModule
+    """The PyroModule built for the data: ``module_class(n_genes, n_batch=..., library_log_means=...,
+    library_log_vars=..., **options)``; a subclass of SCVI sets its own."""
 
     def __init__(
         self,
@@ -191,18 +205,24 @@ class SCVI(BaseModel):
         dropout_rate: float = 0.1,
         latent_library: bool = False,
         encode_covariates: bool = False,
+        allow_non_integer: bool = False,
+        module_kwargs: dict | None = None,
     ):
-        setup = AnnDataSetup(adata, layer=layer, batch_key=batch_key)
-        super().__init__(
-            setup, likelihood=likelihood, dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden,
+        setup = AnnDataSetup(adata, layer=layer, batch_key=batch_key, allow_non_integer=allow_non_integer)
+        options = dict(
+            likelihood=likelihood, dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden,
             n_layers=n_layers, dropout_rate=dropout_rate, latent_library=latent_library,
             encode_covariates=encode_covariates,
         )
+        clash = sorted(set(module_kwargs or {}) & set(options))
+        if clash:
+            raise ValueError(f"module_kwargs repeats options of SCVI itself: {clash}; pass them as arguments")
+        super().__init__(setup, **options, **(module_kwargs or {}))
 
     @classmethod
     def _make_module(cls, setup: AnnDataSetup, **kwargs) -> SCVIModule:
         means, vars_ = setup.log_library_stats()
-        return SCVIModule(
+        return cls.module_class(
             setup.n_vars, n_batch=setup.n_batch, library_log_means=means, library_log_vars=vars_, **kwargs
         )
 
@@ -235,7 +255,9 @@ class SCVI(BaseModel):
         n_obs = self.setup.n_obs
         if max_epochs is None:
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
-        steps_per_epoch = max(1, int(np.ceil(train_size * n_obs)) // batch_size)
+        given = fit_kwargs.get("train_indices")
+        n_train = len(given) if given is not None else int(np.ceil(train_size * n_obs))
+        steps_per_epoch = max(1, n_train // batch_size)
         warmup = None if not n_epochs_kl_warmup else n_epochs_kl_warmup * steps_per_epoch
         return super().train(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, kl_warmup_steps=warmup,

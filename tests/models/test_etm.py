@@ -16,7 +16,7 @@ from pyro_sc.data import DataError
 from pyro_sc.models.etm import multinomial_log_prob
 
 
-def simulate_etm(n_cells=1000, n_genes=200, n_topics=4, *, n_batches=1, seed=0):
+def simulate_etm(n_cells=600, n_genes=200, n_topics=4, *, n_batches=1, seed=0):
     """Counts from ETM's generative process with planted topics (each topic: 40 genes of its own)."""
     rng = np.random.default_rng(seed)
     logits_kg = rng.normal(0, 0.5, (n_topics, n_genes))
@@ -37,7 +37,8 @@ def simulate_etm(n_cells=1000, n_genes=200, n_topics=4, *, n_batches=1, seed=0):
         {"dominant": [f"topic_{k}" for k in theta_nk.argmax(1)], "batch": [f"b{s}" for s in batch_n]},
         index=[f"cell_{i}" for i in range(n_cells)],
     )
-    adata = AnnData(sp.csr_matrix(x_ng.astype(np.float32)), obs=obs, var=pd.DataFrame(index=[f"g{g}" for g in range(n_genes)]))
+    var = pd.DataFrame(index=[f"g{g}" for g in range(n_genes)])
+    adata = AnnData(sp.csr_matrix(x_ng.astype(np.float32)), obs=obs, var=var)
     return adata, beta_kg, theta_nk
 
 
@@ -57,7 +58,7 @@ def simulated():
 def trained(simulated):
     adata, _, _ = simulated
     model = pyro_sc.ETM(adata, n_topics=4, n_embedding=16, n_hidden=64)
-    model.train(max_epochs=400, labels_key="dominant", monitor_every=100, progress_bar=False, seed=0)
+    model.train(max_epochs=100, lr=1e-2, labels_key="dominant", monitor_every=50, progress_bar=False, seed=0)
     return model
 
 
@@ -94,10 +95,10 @@ def test_planted_topics_and_proportions_are_recovered(trained, simulated):
 
 def test_history_has_the_loss_and_the_monitored_ari(trained):
     history = trained.history
-    assert len(history) == 400
-    assert history["train_loss"].iloc[-20:].mean() < history["train_loss"].iloc[:20].mean()
+    assert len(history) == 100
+    assert history["train_loss"].iloc[-10:].mean() < history["train_loss"].iloc[:10].mean()
     monitored = history.dropna(subset=["ari"])
-    assert list(monitored["epoch"]) == [100, 200, 300, 400]
+    assert list(monitored["epoch"]) == [50, 100]
     assert (history["monitor_seconds"] <= history["seconds"]).all()
     # the monitor scored the final embedding as metrics.clustering_scores does (Leiden, resolution 1)
     final = metrics.clustering_scores(
@@ -166,15 +167,15 @@ def test_top_genes_rejects_a_bad_n(trained):
 @pytest.fixture(scope="module")
 def pancreas():
     try:
-        # genes detected in >= 200 of the 822 cells (1,519): small enough for a test
-        return datasets.load_baron_mouse1(min_cells=200)
+        # genes detected in >= 300 of the 822 cells (674): small enough for a test
+        return datasets.load_baron_mouse1(min_cells=300)
     except FileNotFoundError as err:
         pytest.skip(str(err))
 
 
 def test_beta_cell_topic_ranks_insulin_first_on_mouse_pancreas(pancreas):
     model = pyro_sc.ETM(pancreas, n_topics=16, n_embedding=64)
-    model.train(max_epochs=100, progress_bar=False, seed=0)
+    model.train(max_epochs=60, lr=1e-2, progress_bar=False, seed=0)
     enrichment = model.topic_enrichment("cell_type")
     assert enrichment.shape == (13, 16)
     beta_topic = enrichment.loc["beta"].idxmax()

@@ -88,7 +88,7 @@ def test_bad_input(simulated, scvi):
     adata, _, _ = simulated
     none = adata.copy()
     none.obs["seed_labels"] = "Unknown"
-    with pytest.raises(DataError, match="no cell"):
+    with pytest.raises(DataError, match="no categories besides"):
         pyro_sc.SCANVI(none, labels_key="seed_labels", unlabeled_category="Unknown")
     with pytest.raises(DataError, match="not found in adata.obs"):
         pyro_sc.SCANVI(adata, labels_key="nope", unlabeled_category="Unknown")

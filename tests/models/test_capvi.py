@@ -1,0 +1,91 @@
+"""capVI: the three stages, the prior's modes, the batch-mixing penalty, queries."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pyro_sc
+from pyro_sc import datasets, metrics
+from pyro_sc.data import DataError
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    return datasets.simulate_scvi(600, 200, n_latent=4, n_types=4, n_batches=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def staged(simulated):
+    """(model, the classifier's state after stage 1, after stage 2, accuracy after stage 1)."""
+    model = pyro_sc.CAPVI(simulated, labels_key="cell_type", batch_key="batch", n_latent=4, sigma=0.25)
+    model.train(max_epochs=(30, 1, 1), stages=(1,), progress_bar=False, seed=0)
+    truth_n = simulated.obs["cell_type"].astype(str).to_numpy()
+    accuracy_1 = metrics.accuracy(truth_n, model.predict_labels().to_numpy())
+    after_1 = {k: v.clone() for k, v in model.module.classifier.state_dict().items()}
+    model.train(max_epochs=(1, 40, 1), stages=(2,), progress_bar=False, seed=0)
+    after_2 = {k: v.clone() for k, v in model.module.classifier.state_dict().items()}
+    model.train(max_epochs=(1, 1, 10), stages=(3,), progress_bar=False, seed=0)
+    return model, after_1, after_2, accuracy_1
+
+
+def test_stages_train_what_they_should(staged, simulated):
+    model, after_1, after_2, accuracy_1 = staged
+    truth_n = simulated.obs["cell_type"].astype(str).to_numpy()
+    assert accuracy_1 > 0.95  # stage 1: the classifier learns the labels
+    for name, value in after_1.items():  # stage 2: the classifier is frozen (running statistics too)
+        torch.testing.assert_close(after_2[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(v, after_2[k]) for k, v in model.module.classifier.state_dict().items())  # stage 3
+    # stage 3 trains q(c | x) on the ELBO alone, without labels: it may drift, but stays close
+    assert metrics.accuracy(truth_n, model.predict_labels().to_numpy()) > 0.9
+    history = model.history
+    assert sorted(history["stage"].unique()) == [1, 2, 3]
+    stage_2 = history[history["stage"] == 2]["train_loss"]
+    assert stage_2.iloc[-1] < stage_2.iloc[0]
+
+
+def test_latent_sits_at_the_prior_modes(staged, simulated):
+    model, *_ = staged
+    latent_nk = model.get_latent_representation()
+    truth_n = simulated.obs["cell_type"].astype(str).to_numpy()
+    centroids = model.centroids
+    assert list(centroids.index) == ["type_0", "type_1", "type_2", "type_3"]
+    # each type's cells lie closer to their own centroid than to any other
+    d_nc = ((latent_nk[:, None, :] - centroids.to_numpy()[None]) ** 2).sum(-1)
+    assert (centroids.index[d_nc.argmin(1)] == truth_n).mean() > 0.95
+    ll = model.get_marginal_ll(n_samples=10)
+    assert np.isfinite(ll)
+
+
+def test_penalty_pulls_batches_onto_the_centroids(simulated):
+    def offsets(penalty):
+        model = pyro_sc.CAPVI(simulated, labels_key="cell_type", batch_key="batch", n_latent=4, sigma=0.25,
+                              penalty=penalty)
+        model.train(max_epochs=(20, 15, 1), stages=(1, 2), progress_bar=False, seed=0)
+        mb = model.setup.minibatch(np.arange(simulated.n_obs))
+        model.module.eval()
+        with torch.no_grad():
+            return float(model.module.batch_mixing_penalty(mb, 1.0))
+
+    assert offsets(50.0) < 0.5 * offsets(0.0)
+
+
+def test_bad_input_and_save_load(staged, simulated, tmp_path):
+    model, *_ = staged
+    with pytest.raises(ValueError, match="sigma"):
+        pyro_sc.CAPVI(simulated, labels_key="cell_type", sigma=0.0)
+    with pytest.raises(ValueError, match="penalty"):
+        pyro_sc.CAPVI(simulated, labels_key="cell_type", penalty=-1.0)
+    with pytest.raises(ValueError, match="one per stage"):
+        model.train(max_epochs=(1, 2), progress_bar=False)
+    with pytest.raises(ValueError, match="stages are"):
+        model.train(stages=(4,), progress_bar=False)
+    unknown = simulated.copy()
+    unknown.obs["cell_type"] = "?"
+    with pytest.raises(DataError, match="no categories besides"):
+        pyro_sc.CAPVI(unknown, labels_key="cell_type", unlabeled_category="?")
+    path = tmp_path / "capvi.pt"
+    model.save(path)
+    loaded = pyro_sc.CAPVI.load(path, simulated)
+    pd.testing.assert_frame_equal(loaded.predict(), model.predict())
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
