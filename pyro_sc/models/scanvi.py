@@ -167,6 +167,8 @@ class SCANVI(SCVI):
     batch_key, layer, likelihood, dispersion, n_latent, n_hidden, n_layers, dropout_rate,
     latent_library, encode_covariates
         As :class:`pyro_sc.SCVI`.
+    allow_non_integer
+        Accept non-integer counts (e.g. ambient-corrected).
     classification_ratio
         Weight of the labelled cells' cross-entropy in the loss (per cell, as the negative ELBO).
     class_weights
@@ -202,9 +204,11 @@ class SCANVI(SCVI):
         encode_covariates: bool = False,
         classification_ratio: float = 50.0,
         class_weights: str | None = None,
+        allow_non_integer: bool = False,
     ):
         setup = AnnDataSetup(
-            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category
+            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category,
+            allow_non_integer=allow_non_integer,
         )
         BaseModel.__init__(
             self, setup, likelihood=likelihood, dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden,
@@ -245,6 +249,15 @@ class SCANVI(SCVI):
         if not isinstance(scvi_model, SCVI):
             raise TypeError(f"from_scvi needs a trained pyro_sc.SCVI, got {type(scvi_model).__name__}")
         scvi_model._check_trained()
+        standard = ("likelihood", "dispersion", "n_latent", "n_hidden", "n_layers", "dropout_rate",
+                    "latent_library", "encode_covariates")
+        extra = sorted(set(scvi_model.module_kwargs) - set(standard))
+        if extra or type(scvi_model).module_class is not SCVIModule:
+            raise TypeError(
+                f"from_scvi copies a plain SCVI; this one has module_class {type(scvi_model).module_class.__name__} "
+                f"and options {extra}, which the semi-supervised VAE does not have"
+            )
+        architecture = {k: scvi_model.module_kwargs[k] for k in standard}
         adata = scvi_model.adata if adata is None else adata
         registry = scvi_model.setup.registry()
         if adata is not scvi_model.adata:
@@ -252,7 +265,7 @@ class SCANVI(SCVI):
         model = cls(
             adata, labels_key=labels_key, unlabeled_category=unlabeled_category, batch_key=registry["batch_key"],
             layer=registry["layer"], classification_ratio=classification_ratio, class_weights=class_weights,
-            **scvi_model.module_kwargs,
+            allow_non_integer=registry["allow_non_integer"], **architecture,
         )
         mine, theirs = (
             [] if s.batch_categories is None else list(s.batch_categories) for s in (model.setup, scvi_model.setup)
