@@ -11,7 +11,7 @@ import pyro
 
 pyro.settings.set(module_local_params=True)
 
-from . import datasets, de, nmf, settings  # noqa: E402
+from . import datasets, de, distributed, nmf, settings  # noqa: E402
 from .data import AnnDataSetup, DataError, Minibatch  # noqa: E402
 from .distributions import NegativeBinomial, ZeroInflatedNegativeBinomial  # noqa: E402
 from .infer import TrainingError, fit  # noqa: E402

@@ -180,10 +180,6 @@ def test_training_from_disk_equals_training_in_memory(tmp_path, method):
     np.testing.assert_array_equal(latents[0], latents[1])
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="CellAssign._marker_setup copies adata[:, markers], which anndata refuses for a backed AnnData",
-)
 def test_cellassign_trains_from_disk(tmp_path):
     adata, markers, _ = datasets.simulate_cellassign(n_cells=300, seed=0)
     backed = write_h5ad(adata, tmp_path / "x.h5ad")
@@ -211,8 +207,6 @@ def test_every_method_trains_and_answers_on_cuda_from_disk(tmp_path, method):
 
 
 @CUDA
-@pytest.mark.xfail(reason="CellAssign.train does not set the model's device (cellassign.py): predict() "
-                   "builds CPU minibatches for a CUDA module")
 def test_cellassign_on_cuda():
     adata, markers, _ = datasets.simulate_cellassign(n_cells=500, seed=0)
     cpu, gpu = pyro_sc.CellAssign(adata, markers), pyro_sc.CellAssign(adata, markers)

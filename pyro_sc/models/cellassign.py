@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import pyro
+import scipy.sparse as sp
 import pyro.distributions as dist
 import torch
 from anndata import AnnData
@@ -52,7 +53,7 @@ from pyro.infer import TraceEnum_ELBO
 from pyro.nn import PyroModule
 from torch import nn
 
-from ..data import AnnDataSetup, DataError, Minibatch, split_indices
+from ..data import AnnDataSetup, DataError, Minibatch, _chunks, split_indices
 from ..infer import fit
 from ..distributions import NegativeBinomial
 from ._base import BaseModel
@@ -327,7 +328,12 @@ class CellAssign(BaseModel):
             full = AnnDataSetup(adata, layer=setup_kwargs.get("layer"), allow_empty_genes=True)
             library_mean = float(full.library_n.mean()) if library_mean is None else library_mean
             size_factor_n = full.library_n / library_mean
-        markers = adata[:, columns].copy()  # only the marker columns: the user's AnnData is untouched
+        if adata.isbacked and setup_kwargs.get("layer") is None:
+            # on disk: read the rows in chunks and keep the marker columns only (a small matrix)
+            x_nm = sp.vstack([sp.csr_matrix(adata.X[rows])[:, columns] for rows in _chunks(adata.n_obs)]).tocsr()
+            markers = AnnData(x_nm, obs=adata.obs.copy(), var=pd.DataFrame(index=list(marker_genes)))
+        else:
+            markers = adata[:, columns].copy()  # only the marker columns: the user's AnnData is untouched
         markers.var_names = pd.Index(list(marker_genes))
         kwargs = dict(setup_kwargs)
         if kwargs.get("size_factor_key") is None:
@@ -424,6 +430,7 @@ class CellAssign(BaseModel):
         )
         if guide is not None:
             self.set_guide(guide)
+        self.device = torch.device(fit_kwargs.get("device", "cpu"))  # where queries put their minibatches
         screening = screen_epochs is not None and num_restarts > 1
         candidates = []
         for restart in range(num_restarts):
