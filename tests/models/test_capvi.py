@@ -57,12 +57,14 @@ def test_latent_sits_at_the_prior_modes(staged, simulated):
     assert np.isfinite(ll)
 
 
-def test_penalty_pulls_batches_onto_the_centroids(simulated):
+def test_penalty_pulls_batches_onto_the_centroids():
+    small = datasets.simulate_scvi(300, 100, n_latent=3, n_types=3, n_batches=2, batch_effect=1.0, seed=0)
+
     def offsets(penalty):
-        model = pyro_sc.CAPVI(simulated, labels_key="cell_type", batch_key="batch", n_latent=4, sigma=0.25,
-                              penalty=penalty)
+        model = pyro_sc.CAPVI(small, labels_key="cell_type", batch_key="batch", n_latent=3, sigma=0.25,
+                              penalty=penalty, n_hidden=32)
         model.train(max_epochs=(20, 15, 1), stages=(1, 2), progress_bar=False, seed=0)
-        mb = model.setup.minibatch(np.arange(simulated.n_obs))
+        mb = model.setup.minibatch(np.arange(small.n_obs))
         model.module.eval()
         with torch.no_grad():
             return float(model.module.batch_mixing_penalty(mb, 1.0))
