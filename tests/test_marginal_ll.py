@@ -262,52 +262,52 @@ def test_get_marginal_ll_needs_a_trained_model():
 
 
 # ----------------------------------------------------------------------------------------------
-# (d) A type enumerated in the guide: c ~ Cat(PI), z | c ~ N(M_c, 1), x | z ~ N(z, S^2)
+# (d) A type enumerated in the guide: c ~ Cat(PI_D), z | c ~ N(M_c, 1), x | z ~ N(z, S_D^2)
 # ----------------------------------------------------------------------------------------------
-PI, M, S = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([10.0, 13.0, 17.0]), 0.7  # x stays positive
+PI_D, M_D, S_D = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([10.0, 13.0, 17.0]), 0.7  # x stays positive
 
 
-def mixture_model(mb):
+def guide_typed_model(mb):
     with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
-        c_n = pyro.sample("c", dist.Categorical(PI))
-        z_n = pyro.sample("z", dist.Normal(M[c_n], 1.0))
-        pyro.sample("x", dist.Normal(z_n, S), obs=mb.x_ng[:, 0])
+        c_n = pyro.sample("c", dist.Categorical(PI_D))
+        z_n = pyro.sample("z", dist.Normal(M_D[c_n], 1.0))
+        pyro.sample("x", dist.Normal(z_n, S_D), obs=mb.x_ng[:, 0])
 
 
-def mixture_guide(mb, widen: float = 1.0):
+def guide_typed_guide(mb, widen: float = 1.0):
     """q(c | x) deliberately wrong (uniform-ish); q(z | x, c) the exact conditional posterior, widened."""
     x_n = mb.x_ng[:, 0]
     with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
         c_n = pyro.sample("c", dist.Categorical(logits=torch.zeros(3)), infer={"enumerate": "parallel"})
-        precision = 1.0 + 1.0 / S**2
-        loc_n = (M[c_n] + x_n / S**2) / precision
+        precision = 1.0 + 1.0 / S_D**2
+        loc_n = (M_D[c_n] + x_n / S_D**2) / precision
         pyro.sample("z", dist.Normal(loc_n, widen / precision**0.5))
 
 
 @pytest.fixture(scope="module")
-def mixture():
+def guide_typed():
     rng = np.random.default_rng(1)
-    c_n = rng.choice(3, size=400, p=PI.numpy())
-    x_n = rng.normal(rng.normal(M.numpy()[c_n], 1.0), S)
-    # the exact marginal: sum_c PI_c N(x; M_c, 1 + S^2)
-    log_terms = np.log(PI.numpy())[None] + scipy.stats.norm.logpdf(
-        x_n[:, None], M.numpy()[None], np.sqrt(1 + S**2)
+    c_n = rng.choice(3, size=400, p=PI_D.numpy())
+    x_n = rng.normal(rng.normal(M_D.numpy()[c_n], 1.0), S_D)
+    # the exact marginal: sum_c PI_c N(x; M_c, 1 + S_D^2)
+    log_terms = np.log(PI_D.numpy())[None] + scipy.stats.norm.logpdf(
+        x_n[:, None], M_D.numpy()[None], np.sqrt(1 + S_D**2)
     )
     adata = AnnData(x_n[:, None].astype(np.float32), var=pd.DataFrame(index=["g0"]))
     return AnnDataSetup(adata, allow_non_integer=True), scipy.special.logsumexp(log_terms, axis=1)
 
 
-def test_a_type_the_guide_enumerates_is_summed_out_exactly(mixture):
-    setup, truth_n = mixture
+def test_a_type_the_guide_enumerates_is_summed_out_exactly(guide_typed):
+    setup, truth_n = guide_typed
     # exact conditional proposals: every weight is p(x, c), whatever q(c | x), for any K
-    ll_n = metrics.marginal_log_likelihood(mixture_model, mixture_guide, setup, n_samples=3, batch_size=50)
+    ll_n = metrics.marginal_log_likelihood(guide_typed_model, guide_typed_guide, setup, n_samples=3, batch_size=50)
     np.testing.assert_allclose(ll_n, truth_n, rtol=1e-5, atol=1e-4)
     # a widened proposal: a lower bound that closes in on the truth as K grows
     ll_1 = metrics.marginal_log_likelihood(
-        mixture_model, lambda mb: mixture_guide(mb, 2.0), setup, n_samples=1, seed=0
+        guide_typed_model, lambda mb: guide_typed_guide(mb, 2.0), setup, n_samples=1, seed=0
     )
     ll_200 = metrics.marginal_log_likelihood(
-        mixture_model, lambda mb: mixture_guide(mb, 2.0), setup, n_samples=200, seed=0
+        guide_typed_model, lambda mb: guide_typed_guide(mb, 2.0), setup, n_samples=200, seed=0
     )
     assert ll_1.mean() < ll_200.mean() - 0.1
     assert abs(ll_200.mean() - truth_n.mean()) < 0.02
