@@ -323,10 +323,7 @@ class SCANVI(SCVI):
             if getattr(self, "pretrained", False):
                 max_epochs = max(20, round(max_epochs / 3))
         train_size = fit_kwargs.get("train_size", 0.9)
-        given = fit_kwargs.get("train_indices")
-        n_train = len(given) if given is not None else int(np.ceil(train_size * n_obs))
-        steps_per_epoch = max(1, n_train // batch_size)
-        warmup = n_epochs_kl_warmup * steps_per_epoch if n_epochs_kl_warmup else None
+        warmup = self._kl_warmup_steps(n_epochs_kl_warmup, batch_size, train_size, fit_kwargs.get("train_indices"))
         self._labelled_batch_size = batch_size
         return BaseModel.train(
             self, max_epochs=max_epochs, batch_size=batch_size, kl_warmup_steps=warmup, seed=seed, **fit_kwargs

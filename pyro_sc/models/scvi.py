@@ -255,15 +255,21 @@ class SCVI(BaseModel):
         n_obs = self.setup.n_obs
         if max_epochs is None:
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
-        given = fit_kwargs.get("train_indices")
-        n_train = len(given) if given is not None else int(np.ceil(train_size * n_obs))
-        steps_per_epoch = max(1, n_train // batch_size)
-        warmup = None if not n_epochs_kl_warmup else n_epochs_kl_warmup * steps_per_epoch
+        warmup = self._kl_warmup_steps(n_epochs_kl_warmup, batch_size, train_size, fit_kwargs.get("train_indices"))
         return super().train(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, kl_warmup_steps=warmup,
             early_stopping=early_stopping, train_size=train_size, seed=seed, device=device,
             progress_bar=progress_bar, **fit_kwargs,
         )
+
+    def _kl_warmup_steps(
+        self, n_epochs: int | None, batch_size: int, train_size: float, train_indices
+    ) -> int | None:
+        """A KL warm-up of ``n_epochs`` epochs in optimiser steps (None: no warm-up)."""
+        if not n_epochs:
+            return None
+        n_train = len(train_indices) if train_indices is not None else int(np.ceil(train_size * self.setup.n_obs))
+        return n_epochs * max(1, n_train // batch_size)
 
     # --------------------------------------------------------------------------------------- queries
     @torch.no_grad()
