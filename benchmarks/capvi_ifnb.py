@@ -45,18 +45,18 @@ def split(n_obs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_val]), np.sort(perm[n_train + n_val :])
 
 
-def scores(model, test, n_samples: int, seed: int, validation=None, **extra) -> dict:
+def scores(fitted, test, validation, n_samples: int, seed: int) -> dict:
     from pyro_sc import metrics
 
     started = time.perf_counter()
-    out = {"test_marginal_ll": model.get_marginal_ll(test, n_samples=n_samples, seed=seed)}
+    out = {"test_marginal_ll": fitted.get_marginal_ll(test, n_samples=n_samples, seed=seed)}
     if validation is not None:
-        out["validation_marginal_ll"] = model.get_marginal_ll(validation, n_samples=n_samples, seed=seed)
+        out["validation_marginal_ll"] = fitted.get_marginal_ll(validation, n_samples=n_samples, seed=seed)
     out["marginal_ll_seconds"] = time.perf_counter() - started
-    latent_nk = model.get_latent_representation(test)
+    latent_nk = fitted.get_latent_representation(test)
     out["clisi_median"] = float(np.median(metrics.clisi(latent_nk, test.obs["cell_type"].astype(str).to_numpy())))
     out["ilisi_median"] = float(np.median(metrics.ilisi(latent_nk, test.obs["condition"].astype(str).to_numpy())))
-    return {**extra, **out}
+    return out
 
 
 def main() -> None:
@@ -98,8 +98,8 @@ def main() -> None:
         started = time.perf_counter()
         scvi.train(max_epochs=args.scvi_epochs, n_epochs_kl_warmup=args.scvi_kl_warmup, train_indices=tr,
                    validation_indices=va, seed=seed, progress_bar=False)
-        run = scores(scvi, test, args.n_samples, seed, validation, model="scVI", seed=seed,
-                     train_seconds=time.perf_counter() - started)
+        run = {"model": "scVI", "seed": seed, "train_seconds": time.perf_counter() - started}
+        run.update(scores(scvi, test, validation, args.n_samples, seed))
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
         write_results(args.out, results)
@@ -127,12 +127,13 @@ def main() -> None:
                 model.train(max_epochs=(1, *args.stage_epochs), stages=(2, 3), train_indices=tr,
                             validation_indices=np.zeros(0, dtype=np.int64), seed=seed, progress_bar=False)
                 predicted = model.predict_labels(test).to_numpy()
-                run = scores(
-                    model, test, args.n_samples, seed, validation, model="capVI", seed=seed, sigma=sigma,
-                    penalty=penalty, stage1_epochs=int((stage1["history"]["stage"] == 1).sum()),
-                    stage1_seconds=stage1["seconds"], train_seconds=time.perf_counter() - started,
-                    classifier_accuracy_test=metrics.accuracy(test.obs["cell_type"].astype(str), predicted),
-                )
+                run = {
+                    "model": "capVI", "seed": seed, "sigma": sigma, "penalty": penalty,
+                    "stage1_epochs": int((stage1["history"]["stage"] == 1).sum()),
+                    "stage1_seconds": stage1["seconds"], "train_seconds": time.perf_counter() - started,
+                    "classifier_accuracy_test": metrics.accuracy(test.obs["cell_type"].astype(str), predicted),
+                }
+                run.update(scores(model, test, validation, args.n_samples, seed))
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
                 capvi = [r for r in results["runs"] if r["model"] == "capVI" and r["seed"] == seed]
