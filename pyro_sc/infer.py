@@ -389,6 +389,11 @@ def fit(
         raise ValueError("checkpoint_every and checkpoint_path go together: pass both, or neither")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for mod in modules for m in mod.modules()):
+        raise ValueError(
+            f"batch_size={batch_size}: the networks use batch normalisation, which needs at least two cells "
+            "per minibatch; use batch_size >= 2 (scVI's default is 128)"
+        )
     checkpoint = None if resume is None else _read_checkpoint(resume)
     if checkpoint is not None and checkpoint["n_obs"] != data.n_obs:
         raise ValueError(
@@ -540,6 +545,14 @@ def fit(
                 total_loss, n_cells = replicas.sum([validation_loss * n_share, n_share])
                 validation_loss = total_loss / n_cells
             record["validation_loss"] = validation_loss
+            if not math.isfinite(validation_loss):
+                warnings.warn(
+                    f"the validation loss is {validation_loss} at epoch {epoch} (the training loss is "
+                    f"{record['train_loss']:.6g}): some validation cells are not fitted by the model; early "
+                    "stopping does not count this epoch as an improvement",
+                    TrainingWarning,
+                    stacklevel=2,
+                )
         stop = False
         for callback in callbacks:
             stop = bool(callback(record)) or stop

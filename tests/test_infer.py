@@ -1,5 +1,7 @@
 """The driver trains any model / guide pair over minibatches: a user's own model, with its guarantees."""
 
+import math
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -115,6 +117,29 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     _, val_idx = split_indices(setup.n_obs, train_size=0.9, seed=0)
     restored = evaluate_loss(module.model, module.guide, setup, val_idx, elbo=TraceEnum_ELBO(strict_enumeration_warning=False))
     assert restored == pytest.approx(best, rel=1e-5)
+
+
+class FailsOnOneCell(PoissonRates):
+    """PoissonRates whose log-likelihood is -inf for cell 0 when evaluated (networks in eval mode)."""
+
+    def model(self, mb):
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
+            pyro.sample("x", dist.Poisson(self.log_rate_g.exp()).to_event(1), obs=mb.x_ng)
+            if not self.training:
+                bad_n = torch.as_tensor(mb.idx_n == 0)
+                pyro.factor("broken", torch.where(bad_n, torch.tensor(-math.inf), torch.tensor(0.0)))
+
+
+def test_a_non_finite_validation_loss_is_reported_and_never_counted_as_the_best():
+    adata, _ = poisson_adata(n_cells=100)
+    setup = AnnDataSetup(adata)
+    module = FailsOnOneCell(adata.n_vars)
+    with pytest.warns(pyro_sc.infer.TrainingWarning, match=r"^the validation loss is inf at epoch 1 \(the training"):
+        history = fit(module.model, module.guide, setup, modules=[module], max_epochs=8, batch_size=50, lr=0.1,
+                      train_indices=np.arange(1, 80), validation_indices=np.arange(0, 100, 5),
+                      early_stopping=True, patience=3, progress_bar=False)
+    assert np.isinf(history["validation_loss"]).all() and np.isfinite(history["train_loss"]).all()
+    assert len(history) == 3  # no epoch improves on the (infinite) best: stopped after `patience` epochs
 
 
 def test_kl_warmup_schedule_and_seeded_reproducibility():

@@ -213,6 +213,10 @@ BAD_INPUTS = [
          resume=e.tmp / "checkpoint.pt", seed=1, **FAST),
      ValueError, r"checkpoint\.pt was written by a run with seed 0, not 1: resume a run with the options it was "
                  r"started with$"),
+    ("a minibatch of one cell under batch normalisation",
+     lambda e: pyro_sc.SCVI(e.adata, **SMALL).train(**{**FAST, "batch_size": 1}),
+     ValueError, r"^batch_size=1: the networks use batch normalisation, which needs at least two cells per "
+                 r"minibatch; use batch_size >= 2"),
     ("a checkpoint of other data",
      lambda e: pyro_sc.SCVI(scvi_data(n_cells=100), batch_key="batch", **SMALL).train(
          resume=e.tmp / "checkpoint.pt", **FAST),
