@@ -102,7 +102,8 @@ def evaluate_loss(
     device: torch.device | str = "cpu",
 ) -> float:
     """Negative ELBO per cell over ``indices`` (networks in eval mode, full KL weight)."""
-    modes = [m.training for m in modules]
+    # every sub-module's own mode, restored one by one (a frozen sub-module stays in eval mode)
+    modes = [(m, m.training) for module in modules for m in module.modules()]
     for m in modules:
         m.eval()
     try:
@@ -113,8 +114,8 @@ def evaluate_loss(
             total += elbo.loss(model, guide, mb) * len(idx) / mb.n_obs
         return total / max(len(indices), 1)
     finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+        for m, mode in modes:
+            m.training = mode
 
 
 @dataclass
@@ -291,6 +292,7 @@ def fit(
     extra_loss: Callable[[Minibatch], torch.Tensor] | None = None,
     callbacks: Iterable[EpochCallback] = (),
     parameters: Iterable[torch.Tensor] | None = None,
+    frozen: Sequence[torch.nn.Module] = (),
     seed: int | None = 0,
     device: torch.device | str = "cpu",
     progress_bar: bool = True,
@@ -338,7 +340,11 @@ def fit(
         Called after each epoch with the epoch's record (a dict they may add entries to, e.g. an ARI);
         a callback returning ``True`` stops training.
     parameters
-        Train only these tensors (e.g. to freeze a classifier); default: everything found.
+        Train only these tensors; default: everything found.
+    frozen
+        Sub-modules (of ``modules``) held fixed: kept in eval mode (no dropout, batch normalisation with
+        its running statistics), without gradients, and left out of the optimiser (e.g. a pre-trained
+        classifier whose output the rest of the model learns from).
     seed
         Seeds Pyro / torch / numpy and the minibatch order.
     device
@@ -422,177 +428,192 @@ def fit(
         pyro.set_rng_seed(seed)
     rng = np.random.default_rng(seed)
     elbo = elbo if elbo is not None else TraceEnum_ELBO(strict_enumeration_warning=False)
-    for module in modules:
-        module.to(device)
-        module.train()
+    # frozen modules: evaluated in eval mode (dropout off, batch-norm running statistics) with no
+    # gradients, their parameters left out of the optimiser; restored when training ends
+    inside = {id(m) for module in modules for m in module.modules()}
+    if any(id(module) not in inside for module in frozen):
+        raise ValueError("frozen modules must be among the modules (or inside one of them)")
+    frozen_params = [p for module in frozen for p in module.parameters() if p.requires_grad]
+    for p in frozen_params:
+        p.requires_grad_(False)
+    try:
+        for module in modules:
+            module.to(device)
+            module.train()
+        for module in frozen:
+            module.eval()
 
-    if checkpoint is not None:
-        train_indices, validation_indices = checkpoint["train_indices"], checkpoint["validation_indices"]
-    elif train_indices is None:
-        train_indices, split_val = split_indices(data.n_obs, train_size=train_size, seed=0 if seed is None else seed)
-        validation_indices = split_val if validation_indices is None else validation_indices
-    train_indices = np.asarray(train_indices, dtype=np.int64)
-    validation_indices = (
-        np.zeros(0, dtype=np.int64) if validation_indices is None else np.asarray(validation_indices, np.int64)
-    )
-    if len(train_indices) == 0:
-        raise ValueError("no cells to train on")
-
-    first = data.minibatch(train_indices[: min(batch_size, len(train_indices))], device=device)
-    found = collect_parameters(model, guide, first, elbo, modules)
-    params = list(parameters) if parameters is not None else found
-    if not params:
-        raise TrainingError("the model and guide have no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
-
-    progress, best_state = _Progress(), None
-    if checkpoint is not None:
-        progress, best_state = _resume(
-            checkpoint, modules=modules, params=params, optimizer=optimizer, rng=rng
+        if checkpoint is not None:
+            train_indices, validation_indices = checkpoint["train_indices"], checkpoint["validation_indices"]
+        elif train_indices is None:
+            train_indices, split_val = split_indices(data.n_obs, train_size=train_size, seed=0 if seed is None else seed)
+            validation_indices = split_val if validation_indices is None else validation_indices
+        train_indices = np.asarray(train_indices, dtype=np.int64)
+        validation_indices = (
+            np.zeros(0, dtype=np.int64) if validation_indices is None else np.asarray(validation_indices, np.int64)
         )
-    # every process starts from process 0's state (lazily created parameters included)
-    module_params = [p for module in modules for p in module.parameters()]
-    replicas.broadcast(list({id(t): t for t in [*module_params, *params, *_buffers(modules)]}.values()))
-    own_seed = None if seed is None else replicas.process_seed(seed, progress.epoch)
-    if own_seed is not None:
-        pyro.set_rng_seed(own_seed)
-    validation_share = replicas.split(validation_indices)
-    bar = tqdm(
-        total=max_epochs, initial=progress.epoch, desc="training", leave=False,
-        disable=not progress_bar or replicas.rank != 0,
-    )
-    while progress.epoch < max_epochs:
-        epoch = progress.epoch + 1
-        started = time.perf_counter()
-        epoch_start = _snapshot(params, modules, optimizer) if on_nonfinite == "reduce_lr" else None
-        step, fault = progress.step, None
-        train_total, extra_total, n_seen = 0.0, 0.0, 0
-        # this process's share of each minibatch (all of it in a 1-process run), read ahead if asked
-        shares = replicas.shard(list(iterate_minibatches(train_indices, batch_size, rng=rng)))
-        minibatches = load_minibatches(data, [idx for idx, _ in shares], device=device, prefetch=prefetch)
-        with contextlib.closing(minibatches):
-            for batch_step, ((idx, weight), mb) in enumerate(zip(shares, minibatches), 1):
-                step += 1
-                kl_weight = 1.0 if not kl_warmup_steps else min(1.0, step / kl_warmup_steps)
-                mb = mb.with_kl_weight(kl_weight)
-                buffers = [b.clone() for b in _buffers(modules)]
-                loss = elbo.differentiable_loss(model, guide, mb) / mb.n_obs
-                extra = extra_loss(mb) if extra_loss is not None else None
-                total = loss if extra is None else loss + extra
-                fault = None if torch.isfinite(total) else f"the loss became {total.item()}"
-                if fault is None:
-                    optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                fault = replicas.reduce_gradients(params, weight, fault)  # averaged over the processes
-                if fault is None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm else math.inf)
-                    fault = None if torch.isfinite(grad_norm) else "the gradients became non-finite"
-                if fault is not None:
-                    with torch.no_grad():  # this step's forward pass may have moved batch-norm statistics
-                        for b, saved in zip(_buffers(modules), buffers):
-                            b.copy_(saved)
-                    fault += f" at epoch {epoch}, step {batch_step} (global step {step})"
-                    break
-                optimizer.step()
-                train_total += loss.item() * len(idx)
-                extra_total += 0.0 if extra is None else extra.item() * len(idx)
-                n_seen += len(idx)
+        if len(train_indices) == 0:
+            raise ValueError("no cells to train on")
 
-        if fault is not None:
-            if on_nonfinite == "raise":
-                raise TrainingError(
-                    f"{fault}; the parameters were not updated and hold the values of the last good step. "
-                    "Try a lower learning rate, clip_norm=..., on_nonfinite='reduce_lr', or check the data."
-                )
-            _restore(epoch_start, params, modules, optimizer)
-            if progress.lr_reductions >= max_lr_reductions:
-                raise TrainingError(
-                    f"{fault}, after {progress.lr_reductions} learning-rate reductions; the parameters hold "
-                    f"the values of the start of epoch {epoch}, the last good state. Check the data, or try "
-                    "clip_norm=..."
-                )
-            progress.lr_reductions += 1
-            for group in optimizer.param_groups:
-                group["lr"] *= lr_reduction_factor
-            warnings.warn(
-                f"{fault}: epoch {epoch} starts again from its first state with lr "
-                f"{optimizer.param_groups[0]['lr']:.3g} (reduction {progress.lr_reductions} of at most "
-                f"{max_lr_reductions})",
-                TrainingWarning,
-                stacklevel=2,
-            )
-            continue
+        first = data.minibatch(train_indices[: min(batch_size, len(train_indices))], device=device)
+        found = collect_parameters(model, guide, first, elbo, modules)
+        params = list(parameters) if parameters is not None else found
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise TrainingError("the model and guide have no trainable parameters")
+        optimizer = torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
 
-        progress.step = step
-        replicas.average_buffers(modules)
-        train_total, extra_total, n_seen = replicas.sum([train_total, extra_total, n_seen])
-        record = {
-            "epoch": epoch,
-            "train_loss": train_total / n_seen,
-            "validation_loss": float("nan"),
-            "extra_loss": extra_total / n_seen,
-            "kl_weight": kl_weight,
-            "lr": optimizer.param_groups[0]["lr"],
-            "lr_reductions": progress.lr_reductions,
-        }
-        if len(validation_indices):
-            validation_loss = evaluate_loss(
-                model, guide, data, validation_share, elbo=elbo, modules=modules,
-                batch_size=validation_batch_size, device=device,
+        progress, best_state = _Progress(), None
+        if checkpoint is not None:
+            progress, best_state = _resume(
+                checkpoint, modules=modules, params=params, optimizer=optimizer, rng=rng
             )
-            if replicas.enabled:  # each process's share of the validation cells, summed
-                n_share = len(validation_share)
-                total_loss, n_cells = replicas.sum([validation_loss * n_share, n_share])
-                validation_loss = total_loss / n_cells
-            record["validation_loss"] = validation_loss
-            if not math.isfinite(validation_loss):
+        # every process starts from process 0's state (lazily created parameters included)
+        module_params = [p for module in modules for p in module.parameters()]
+        replicas.broadcast(list({id(t): t for t in [*module_params, *params, *_buffers(modules)]}.values()))
+        own_seed = None if seed is None else replicas.process_seed(seed, progress.epoch)
+        if own_seed is not None:
+            pyro.set_rng_seed(own_seed)
+        validation_share = replicas.split(validation_indices)
+        bar = tqdm(
+            total=max_epochs, initial=progress.epoch, desc="training", leave=False,
+            disable=not progress_bar or replicas.rank != 0,
+        )
+        while progress.epoch < max_epochs:
+            epoch = progress.epoch + 1
+            started = time.perf_counter()
+            epoch_start = _snapshot(params, modules, optimizer) if on_nonfinite == "reduce_lr" else None
+            step, fault = progress.step, None
+            train_total, extra_total, n_seen = 0.0, 0.0, 0
+            # this process's share of each minibatch (all of it in a 1-process run), read ahead if asked
+            shares = replicas.shard(list(iterate_minibatches(train_indices, batch_size, rng=rng)))
+            minibatches = load_minibatches(data, [idx for idx, _ in shares], device=device, prefetch=prefetch)
+            with contextlib.closing(minibatches):
+                for batch_step, ((idx, weight), mb) in enumerate(zip(shares, minibatches), 1):
+                    step += 1
+                    kl_weight = 1.0 if not kl_warmup_steps else min(1.0, step / kl_warmup_steps)
+                    mb = mb.with_kl_weight(kl_weight)
+                    buffers = [b.clone() for b in _buffers(modules)]
+                    loss = elbo.differentiable_loss(model, guide, mb) / mb.n_obs
+                    extra = extra_loss(mb) if extra_loss is not None else None
+                    total = loss if extra is None else loss + extra
+                    fault = None if torch.isfinite(total) else f"the loss became {total.item()}"
+                    if fault is None:
+                        optimizer.zero_grad(set_to_none=True)
+                        total.backward()
+                    fault = replicas.reduce_gradients(params, weight, fault)  # averaged over the processes
+                    if fault is None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm else math.inf)
+                        fault = None if torch.isfinite(grad_norm) else "the gradients became non-finite"
+                    if fault is not None:
+                        with torch.no_grad():  # this step's forward pass may have moved batch-norm statistics
+                            for b, saved in zip(_buffers(modules), buffers):
+                                b.copy_(saved)
+                        fault += f" at epoch {epoch}, step {batch_step} (global step {step})"
+                        break
+                    optimizer.step()
+                    train_total += loss.item() * len(idx)
+                    extra_total += 0.0 if extra is None else extra.item() * len(idx)
+                    n_seen += len(idx)
+
+            if fault is not None:
+                if on_nonfinite == "raise":
+                    raise TrainingError(
+                        f"{fault}; the parameters were not updated and hold the values of the last good step. "
+                        "Try a lower learning rate, clip_norm=..., on_nonfinite='reduce_lr', or check the data."
+                    )
+                _restore(epoch_start, params, modules, optimizer)
+                if progress.lr_reductions >= max_lr_reductions:
+                    raise TrainingError(
+                        f"{fault}, after {progress.lr_reductions} learning-rate reductions; the parameters hold "
+                        f"the values of the start of epoch {epoch}, the last good state. Check the data, or try "
+                        "clip_norm=..."
+                    )
+                progress.lr_reductions += 1
+                for group in optimizer.param_groups:
+                    group["lr"] *= lr_reduction_factor
                 warnings.warn(
-                    f"the validation loss is {validation_loss} at epoch {epoch} (the training loss is "
-                    f"{record['train_loss']:.6g}): some validation cells are not fitted by the model; early "
-                    "stopping does not count this epoch as an improvement",
+                    f"{fault}: epoch {epoch} starts again from its first state with lr "
+                    f"{optimizer.param_groups[0]['lr']:.3g} (reduction {progress.lr_reductions} of at most "
+                    f"{max_lr_reductions})",
                     TrainingWarning,
                     stacklevel=2,
                 )
-        stop = False
-        for callback in callbacks:
-            stop = bool(callback(record)) or stop
-        stop = replicas.any(stop)
-        record["seconds"] = time.perf_counter() - started
-        progress.records.append(record)
-        progress.epoch = epoch
-        bar.update()
-        bar.set_postfix(loss=f"{record['train_loss']:.4g}", val=f"{record['validation_loss']:.4g}")
+                continue
 
-        if early_stopping:
-            # Only a fully annealed loss is comparable from epoch to epoch.
-            monitored = record["validation_loss"] if len(validation_indices) else record["train_loss"]
-            if kl_weight >= 1.0 and monitored < progress.best_loss - min_delta:
-                progress.best_loss, progress.epochs_since_best = monitored, 0
-                best_state = _snapshot(params, modules) if restore_best else None
-            elif kl_weight >= 1.0:
-                progress.epochs_since_best += 1
-                stop = stop or progress.epochs_since_best >= patience
-        if stop:
-            break
-        if checkpoint_every is not None and epoch % checkpoint_every == 0 and replicas.rank == 0:
-            _write_checkpoint(
-                _checkpoint_file(checkpoint_path),
-                progress=progress,
-                n_obs=data.n_obs,
-                seed=seed,
-                modules=[module.state_dict() for module in modules],
-                params=[p.detach() for p in params],
-                optimizer=optimizer.state_dict(),
-                best_state=best_state,
-                train_indices=torch.from_numpy(train_indices),
-                validation_indices=torch.from_numpy(validation_indices),
-                rng=_rng_states(rng),
-            )
-    bar.close()
-    if early_stopping and restore_best and best_state is not None:
-        _restore(best_state, params, modules)
-    for module in modules:
-        module.eval()
-    history = pd.DataFrame.from_records(progress.records)
-    history.attrs["stopped_early"] = len(progress.records) < max_epochs
-    return history
+            progress.step = step
+            replicas.average_buffers(modules)
+            train_total, extra_total, n_seen = replicas.sum([train_total, extra_total, n_seen])
+            record = {
+                "epoch": epoch,
+                "train_loss": train_total / n_seen,
+                "validation_loss": float("nan"),
+                "extra_loss": extra_total / n_seen,
+                "kl_weight": kl_weight,
+                "lr": optimizer.param_groups[0]["lr"],
+                "lr_reductions": progress.lr_reductions,
+            }
+            if len(validation_indices):
+                validation_loss = evaluate_loss(
+                    model, guide, data, validation_share, elbo=elbo, modules=modules,
+                    batch_size=validation_batch_size, device=device,
+                )
+                if replicas.enabled:  # each process's share of the validation cells, summed
+                    n_share = len(validation_share)
+                    total_loss, n_cells = replicas.sum([validation_loss * n_share, n_share])
+                    validation_loss = total_loss / n_cells
+                record["validation_loss"] = validation_loss
+                if not math.isfinite(validation_loss):
+                    warnings.warn(
+                        f"the validation loss is {validation_loss} at epoch {epoch} (the training loss is "
+                        f"{record['train_loss']:.6g}): some validation cells are not fitted by the model; early "
+                        "stopping does not count this epoch as an improvement",
+                        TrainingWarning,
+                        stacklevel=2,
+                    )
+            stop = False
+            for callback in callbacks:
+                stop = bool(callback(record)) or stop
+            stop = replicas.any(stop)
+            record["seconds"] = time.perf_counter() - started
+            progress.records.append(record)
+            progress.epoch = epoch
+            bar.update()
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", val=f"{record['validation_loss']:.4g}")
+
+            if early_stopping:
+                # Only a fully annealed loss is comparable from epoch to epoch.
+                monitored = record["validation_loss"] if len(validation_indices) else record["train_loss"]
+                if kl_weight >= 1.0 and monitored < progress.best_loss - min_delta:
+                    progress.best_loss, progress.epochs_since_best = monitored, 0
+                    best_state = _snapshot(params, modules) if restore_best else None
+                elif kl_weight >= 1.0:
+                    progress.epochs_since_best += 1
+                    stop = stop or progress.epochs_since_best >= patience
+            if stop:
+                break
+            if checkpoint_every is not None and epoch % checkpoint_every == 0 and replicas.rank == 0:
+                _write_checkpoint(
+                    _checkpoint_file(checkpoint_path),
+                    progress=progress,
+                    n_obs=data.n_obs,
+                    seed=seed,
+                    modules=[module.state_dict() for module in modules],
+                    params=[p.detach() for p in params],
+                    optimizer=optimizer.state_dict(),
+                    best_state=best_state,
+                    train_indices=torch.from_numpy(train_indices),
+                    validation_indices=torch.from_numpy(validation_indices),
+                    rng=_rng_states(rng),
+                )
+        bar.close()
+        if early_stopping and restore_best and best_state is not None:
+            _restore(best_state, params, modules)
+        for module in modules:
+            module.eval()
+        history = pd.DataFrame.from_records(progress.records)
+        history.attrs["stopped_early"] = len(progress.records) < max_epochs
+        return history
+    finally:
+        for p in frozen_params:
+            p.requires_grad_(True)

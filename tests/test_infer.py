@@ -164,3 +164,46 @@ def test_extra_loss_hook_changes_the_optimum():
     fit(module.model, module.guide, setup, modules=[module], max_epochs=40, batch_size=200, lr=0.1,
         extra_loss=lambda mb: 1e4 * (module.log_rate_g ** 2).sum(), progress_bar=False)
     assert module.log_rate_g.abs().max() < 0.05
+
+
+class ScaledRates(PyroModule):
+    """x_ng ~ Poisson(exp(log_rate_g + offset_g)): ``offset`` is a sub-module (with dropout) to freeze."""
+
+    def __init__(self, n_genes):
+        super().__init__()
+        self.log_rate_g = PyroParam(torch.zeros(n_genes))
+        self.offset = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(1, n_genes))
+        self.offset_modes: list[bool] = []
+
+    def model(self, mb):
+        self.offset_modes.append(self.offset.training)
+        offset_g = self.offset(torch.ones(1)).squeeze(0)
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
+            pyro.sample("x", dist.Poisson((self.log_rate_g + offset_g).exp()).to_event(1), obs=mb.x_ng)
+
+    def guide(self, mb):
+        pass
+
+
+def test_frozen_modules_stay_fixed_in_eval_mode_while_the_rest_fits_around_them():
+    adata, _ = poisson_adata(n_cells=200)
+    setup = AnnDataSetup(adata)
+    module = ScaledRates(adata.n_vars)
+    before = {k: v.clone() for k, v in module.offset.state_dict().items()}
+    fit(module.model, module.guide, setup, modules=[module], frozen=[module.offset], max_epochs=300,
+        batch_size=200, lr=0.05, train_size=0.9, progress_bar=False)  # validation after each epoch too
+    for k, v in module.offset.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(module.offset_modes)  # never run in training mode (dropout off)
+    assert all(p.requires_grad for p in module.offset.parameters())  # unfrozen again afterwards
+    # the free parameters absorbed the fixed offset: exp(log_rate + offset) is the mean count
+    offset_g = module.offset[1](torch.ones(1)).detach().squeeze(0)
+    from pyro_sc.data import split_indices
+
+    train_idx, _ = split_indices(setup.n_obs, train_size=0.9, seed=0)
+    mle_g = torch.as_tensor(np.asarray(adata.X[train_idx].mean(0)).ravel())
+    np.testing.assert_allclose((module.log_rate_g.detach() + offset_g).exp(), mle_g, rtol=0.02)
+
+    other = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match=r"^frozen modules must be among the modules"):
+        fit(module.model, module.guide, setup, modules=[module], frozen=[other], max_epochs=1, progress_bar=False)

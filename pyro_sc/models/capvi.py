@@ -108,17 +108,12 @@ class CAPVIModule(SCVIModule):
         self.logits_phi_c = nn.Parameter(torch.zeros(n_labels))
         weight_c = torch.ones(n_labels) if class_weight_c is None else torch.as_tensor(class_weight_c, dtype=torch.float32)
         self.register_buffer("class_weight_c", weight_c)
-        self.stage, self.use_labels, self.classifier_frozen = 3, False, False
+        self.stage, self.use_labels = 3, False
 
     # ------------------------------------------------------------------------------ shared pieces
     def classify(self, mb: Minibatch) -> torch.Tensor:
-        """Logits of q(c | x): (cells, types). Frozen (stage 2): evaluated in eval mode, without gradients."""
-        x_ng = torch.log1p(mb.x_ng)
-        if not self.classifier_frozen:
-            return self.classifier(x_ng)
-        self.classifier.eval()
-        with torch.no_grad():
-            return self.classifier(x_ng)
+        """Logits of q(c | x): (cells, types)."""
+        return self.classifier(torch.log1p(mb.x_ng))
 
     def encode_z(self, mb: Minibatch, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and scale of q(z | x, c, s) for types ``c`` broadcasting against the cells, e.g. the
@@ -310,26 +305,20 @@ class CAPVI(BaseModel):
                     raise DataError("no labelled training cells for the classifier (stage 1)")
             else:
                 idx_train, idx_val = train_indices, validation_indices
-            module.stage, module.use_labels, module.classifier_frozen = stage, use_labels and stage > 1, stage == 2
+            module.stage, module.use_labels = stage, use_labels and stage > 1
             before = 0 if self.history is None else len(self.history)
             try:
                 BaseModel.train(
                     self, max_epochs=epochs[stage - 1], train_indices=idx_train, validation_indices=idx_val,
                     early_stopping=stopping[stage - 1], patience=patience,
-                    parameters=self._stage_parameters(stage), seed=seed, **fit_kwargs,
+                    parameters=list(module.classifier.parameters()) if stage == 1 else None,
+                    frozen=[module.classifier] if stage == 2 else [], seed=seed, **fit_kwargs,
                 )
             finally:
-                self.module.stage, self.module.classifier_frozen = 3, False
+                self.module.stage = 3
             self.history.loc[before:, "stage"] = stage
         self.module.use_labels = use_labels
         return self.history
-
-    def _stage_parameters(self, stage: int) -> list[torch.Tensor] | None:
-        if stage == 3:
-            return None  # everything
-        classifier = {id(p) for p in self.module.classifier.parameters()}
-        keep = (lambda p: id(p) in classifier) if stage == 1 else (lambda p: id(p) not in classifier)
-        return [p for p in self.module.parameters() if keep(p)]
 
     # ------------------------------------------------------------------------------------- queries
     @torch.no_grad()
