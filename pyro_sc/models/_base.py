@@ -489,3 +489,26 @@ class BaseModel:
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "not trained"
         return f"{type(self).__name__}({self.setup!r}, {state})"
+
+
+class CellTypePredictor:
+    """Mixin of the methods that assign cell types (CellAssign, SCANVI, capVI): they write ``predict``
+    (cells x types probabilities); :meth:`predict_labels` reads the most probable type from it."""
+
+    def predict_labels(self, adata: AnnData | None = None, *, threshold: float = 0.0, **kwargs) -> pd.Series:
+        """The most probable type of each cell; ``"unassigned"`` where its probability is below
+        ``threshold``. Other options pass to :meth:`predict`."""
+        probs = self.predict(adata, **kwargs)
+        labels = probs.idxmax(axis=1).astype(object)
+        labels[probs.max(axis=1) < threshold] = "unassigned"
+        return labels.rename("cell_type")
+
+    @torch.no_grad()
+    def _probability_table(
+        self, adata: AnnData | None, logits: Callable[[Minibatch], torch.Tensor], batch_size: int
+    ) -> pd.DataFrame:
+        """``softmax(logits(mb))`` over all cells of ``adata`` (default: the training data), as a table."""
+        self._check_trained()
+        setup = self._setup_for(adata)
+        out = [torch.softmax(logits(mb), -1) for mb in self._minibatches(setup, batch_size)]
+        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.setup.label_categories)

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..data import AnnDataSetup, DataError, Minibatch, split_indices
 from ..nn import MLP, GaussianEncoder
-from ._base import BaseModel
+from ._base import BaseModel, CellTypePredictor
 from .scanvi import known_labels_as_point_masses, without_labels
 from .scvi import Likelihood, SCVIModule
 
@@ -177,7 +177,7 @@ class CAPVIModule(SCVIModule):
         return strength / (self.n_labels * n_batch) * sums_csk.pow(2).sum() / len(mb)
 
 
-class CAPVI(BaseModel):
+class CAPVI(BaseModel, CellTypePredictor):
     """capVI on an AnnData of raw counts with cell types (all or some known).
 
     Parameters
@@ -321,17 +321,9 @@ class CAPVI(BaseModel):
         return self.history
 
     # ------------------------------------------------------------------------------------- queries
-    @torch.no_grad()
     def predict(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> pd.DataFrame:
         """q(c | x): cells x cell types probabilities (rows sum to one)."""
-        self._check_trained()
-        setup = self._setup_for(adata)
-        out = [torch.softmax(self.module.classify(mb), -1) for mb in self._minibatches(setup, batch_size)]
-        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.setup.label_categories)
-
-    def predict_labels(self, adata: AnnData | None = None, **kwargs) -> pd.Series:
-        """The most probable cell type of each cell under q(c | x)."""
-        return self.predict(adata, **kwargs).idxmax(axis=1)
+        return self._probability_table(adata, self.module.classify, batch_size)
 
     @torch.no_grad()
     def get_latent_representation(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> np.ndarray:

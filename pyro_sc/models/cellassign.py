@@ -56,7 +56,7 @@ from torch import nn
 from ..data import AnnDataSetup, DataError, Minibatch, _chunks, split_indices
 from ..infer import fit
 from ..distributions import NegativeBinomial
-from ._base import BaseModel
+from ._base import BaseModel, CellTypePredictor
 
 __all__ = ["CellAssign", "CellAssignModule", "TruncatedLogNormal"]
 
@@ -229,7 +229,7 @@ def _marker_matrix(marker_matrix: pd.DataFrame) -> pd.DataFrame:
     return rho
 
 
-class CellAssign(BaseModel):
+class CellAssign(BaseModel, CellTypePredictor):
     """CellAssign on an AnnData of raw counts and a binary marker matrix.
 
     Parameters
@@ -524,13 +524,6 @@ class CellAssign(BaseModel):
                 gamma_nc = gamma_nc + torch.softmax(log_lik_cn.T + pi_c.log(), -1)
             out.append(gamma_nc / len(params))
         return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.cell_types)
-
-    def predict_labels(self, adata: AnnData | None = None, *, threshold: float = 0.0) -> pd.Series:
-        """The most probable type of each cell; ``"unassigned"`` where its probability is below ``threshold``."""
-        gamma = self.predict(adata)
-        labels = gamma.idxmax(axis=1).astype(object)
-        labels[gamma.max(axis=1) < threshold] = "unassigned"
-        return labels.rename("cell_type")
 
     @property
     def delta(self) -> pd.DataFrame:

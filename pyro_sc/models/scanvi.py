@@ -48,7 +48,7 @@ from torch import nn
 
 from ..data import AnnDataSetup, DataError, Minibatch
 from ..nn import MLP, GaussianEncoder
-from ._base import BaseModel
+from ._base import BaseModel, CellTypePredictor
 from .scvi import SCVI, Dispersion, Likelihood, SCVIModule
 
 __all__ = ["SCANVI", "SCANVIModule", "known_labels_as_point_masses", "without_labels"]
@@ -155,7 +155,7 @@ class SCANVIModule(SCVIModule):
                 pyro.sample("z2", dist.Normal(loc2, scale2).to_event(1))
 
 
-class SCANVI(SCVI):
+class SCANVI(SCVI, CellTypePredictor):
     """The semi-supervised VAE on an AnnData of raw counts with partly known cell types.
 
     Parameters
@@ -339,14 +339,6 @@ class SCANVI(SCVI):
         return super().get_marginal_ll(adata, **kwargs)
 
     # ------------------------------------------------------------------------------------- queries
-    @torch.no_grad()
     def predict(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> pd.DataFrame:
         """q(y | z1) at the posterior-mean z1: cells x cell types probabilities (rows sum to one)."""
-        self._check_trained()
-        setup = self._setup_for(adata)
-        out = [torch.softmax(self.module.classify(self.module.encode(mb)[0]), -1) for mb in self._minibatches(setup, batch_size)]
-        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.setup.label_categories)
-
-    def predict_labels(self, adata: AnnData | None = None, **kwargs) -> pd.Series:
-        """The most probable cell type of each cell."""
-        return self.predict(adata, **kwargs).idxmax(axis=1)
+        return self._probability_table(adata, lambda mb: self.module.classify(self.module.encode(mb)[0]), batch_size)
