@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -102,17 +102,24 @@ def evaluate_loss(
     device: torch.device | str = "cpu",
 ) -> float:
     """Negative ELBO per cell over ``indices`` (networks in eval mode, full KL weight)."""
-    # every sub-module's own mode, restored one by one (a frozen sub-module stays in eval mode)
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    for m in modules:
-        m.eval()
-    try:
+    with _modes_kept(modules):
+        for m in modules:
+            m.eval()
         total = 0.0
         for idx in iterate_minibatches(indices, batch_size, shuffle=False):
             mb = data.minibatch(idx, device=device)
             # The plate scales by n_obs / len(idx): undo it to sum over exactly these cells.
             total += elbo.loss(model, guide, mb) * len(idx) / mb.n_obs
         return total / max(len(indices), 1)
+
+
+@contextlib.contextmanager
+def _modes_kept(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Restore every sub-module's own train / eval mode on exit (a frozen sub-module stays in eval mode),
+    whatever the code inside switched (a validation pass, a callback's query of the model)."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        yield
     finally:
         for m, mode in modes:
             m.training = mode
@@ -338,7 +345,8 @@ def fit(
         the per-cell loss of each training step (recorded as ``extra_loss`` in the history).
     callbacks
         Called after each epoch with the epoch's record (a dict they may add entries to, e.g. an ARI);
-        a callback returning ``True`` stops training.
+        a callback returning ``True`` stops training. A callback may query the model (embeddings,
+        predictions): every module's train / eval mode is restored after the callbacks.
     parameters
         Train only these tensors; default: everything found.
     frozen
@@ -572,8 +580,9 @@ def fit(
                         stacklevel=2,
                     )
             stop = False
-            for callback in callbacks:
-                stop = bool(callback(record)) or stop
+            with _modes_kept(modules):  # a callback may query the model (which switches it to eval mode)
+                for callback in callbacks:
+                    stop = bool(callback(record)) or stop
             stop = replicas.any(stop)
             record["seconds"] = time.perf_counter() - started
             progress.records.append(record)

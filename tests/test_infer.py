@@ -204,6 +204,12 @@ def test_frozen_modules_stay_fixed_in_eval_mode_while_the_rest_fits_around_them(
     mle_g = torch.as_tensor(np.asarray(adata.X[train_idx].mean(0)).ravel())
     np.testing.assert_allclose((module.log_rate_g.detach() + offset_g).exp(), mle_g, rtol=0.02)
 
+    # a callback querying the model in eval mode (as an ARI monitor does) leaves training in training mode
+    module.offset_modes.clear()
+    fit(module.model, module.guide, setup, modules=[module], max_epochs=3, batch_size=100, train_size=1.0,
+        callbacks=[lambda record: module.eval()], progress_bar=False)
+    assert len(module.offset_modes) > 3 and all(module.offset_modes), module.offset_modes
+
     other = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match=r"^frozen modules must be among the modules"):
         fit(module.model, module.guide, setup, modules=[module], frozen=[other], max_epochs=1, progress_bar=False)

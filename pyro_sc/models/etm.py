@@ -264,11 +264,7 @@ class ETM(BaseModel):
             if record["epoch"] % every and record["epoch"] != max_epochs:
                 return
             started = time.perf_counter()
-            was_training = self.module.training
-            try:
-                embedding_nk = self._embedding(self.setup, embedding, batch_size=2000)
-            finally:
-                self.module.train(was_training)
+            embedding_nk = self._embedding(self.setup, embedding, batch_size=2000)  # the driver restores the modes
             scores = clustering_scores(
                 embedding_nk, labels_n, n_neighbors=n_neighbors, resolution=resolution, method=method, seed=seed
             )
