@@ -59,6 +59,7 @@ class BaseModel:
         # The first seeded train() rebuilds this freshly made module under its seed; a module whose
         # parameters were set otherwise (loaded, copied from another model) sets this False.
         self._rebuild_on_seeded_train = True
+        self._copied_state: dict[str, torch.Tensor] | None = None  # loaded again into a rebuilt module
         self.history: pd.DataFrame | None = None
         self.device = torch.device("cpu")
         # set_guide's state: the custom guide (None: the method's own), how it was built from an autoguide
@@ -99,8 +100,11 @@ class BaseModel:
         if not self.is_trained and seed is not None and self._rebuild_on_seeded_train:
             pyro.set_rng_seed(seed)
             self.module = self._make_module(self.setup, **self.module_kwargs)
+            if self._copied_state is not None:  # parameters copied from another model (e.g. SCANVI.from_scvi)
+                self.module.load_state_dict(self._copied_state, strict=False)
             self._reset_guide()
             self._rebuild_on_seeded_train = False
+        self._copied_state = None
 
     # ------------------------------------------------------------------------------- model and guide
     def model(self, mb: Minibatch):

@@ -15,7 +15,7 @@ Generative process for cell :math:`n` of batch :math:`s_n` and gene :math:`g`:
 
 **It is** :math:`z_1` **that is decoded into counts** (scvi-tools' convention, which this module
 follows so that a trained scVI's encoder / decoder carry over as they are); :math:`z_2` only structures
-:math:`z_1` by cell type. :math:`\pi_y` is uniform.
+:math:`z_1` by cell type. :math:`\pi_y` is uniform, or a parameter (``label_prior="learned"``).
 
 Guide: :math:`q(z_1 \mid x)\, q(\ell \mid x)\, q(y \mid z_1)\, q(z_2 \mid z_1, y)`, all networks (the
 first two are scVI's encoders). A labelled cell's :math:`y` is observed; an unlabelled cell's is
@@ -34,6 +34,7 @@ default 50 as scvi-tools): the cross-entropy of :math:`q(y \mid \bar z_1)` at th
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,8 @@ class SCANVIModule(SCVIModule):
         classifier_n_hidden: int = 128,
         classification_ratio: float = 50.0,
         class_weights: str | None = None,
+        label_prior: str = "uniform",
+        label_proportions: Sequence[float] | None = None,
         **scvi_kwargs,
     ):
         super().__init__(n_genes, **scvi_kwargs)
@@ -95,6 +98,8 @@ class SCANVIModule(SCVIModule):
             raise ValueError(f"the semi-supervised VAE needs at least 2 cell types, got {n_labels}")
         if class_weights not in (None, "balanced"):
             raise ValueError(f"class_weights must be None or 'balanced', got {class_weights!r}")
+        if label_prior not in ("uniform", "learned"):
+            raise ValueError(f"label_prior must be 'uniform' or 'learned', got {label_prior!r}")
         self.n_labels = n_labels
         self.classification_ratio, self.class_weights = float(classification_ratio), class_weights
         n_latent, n_hidden = self.n_latent, scvi_kwargs.get("n_hidden", 128)
@@ -106,7 +111,15 @@ class SCANVIModule(SCVIModule):
             n_latent, n_latent, n_hidden=n_hidden, n_cat_list=[n_labels], dropout_rate=dropout
         )
         self.z1_prior_net = GaussianEncoder(n_latent, n_latent, n_hidden=n_hidden, n_cat_list=[n_labels], dropout_rate=0.0)
-        self.register_buffer("log_pi_y", torch.full((n_labels,), -float(np.log(n_labels))))
+        # logits of pi_y: fixed at uniform, or a parameter (the type proportions, fitted by the ELBO)
+        # starting from label_proportions
+        logits_y = torch.zeros(n_labels)
+        if label_prior == "learned" and label_proportions is not None:
+            logits_y = torch.as_tensor(np.log(np.asarray(label_proportions, dtype=np.float64)), dtype=torch.float32)
+        if label_prior == "learned":
+            self.logits_pi_y = nn.Parameter(logits_y)
+        else:
+            self.register_buffer("logits_pi_y", logits_y)
 
     @staticmethod
     def _labels(mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +136,7 @@ class SCANVIModule(SCVIModule):
         y_obs_n, labelled_n = self._labels(mb)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             y_n = pyro.sample(
-                "y", dist.Categorical(logits=self.log_pi_y).expand([len(mb)]), obs=y_obs_n, obs_mask=labelled_n
+                "y", dist.Categorical(logits=self.logits_pi_y).expand([len(mb)]), obs=y_obs_n, obs_mask=labelled_n
             )
             with poutine.scale(scale=mb.kl_weight):
                 z2_nk = pyro.sample("z2", dist.Normal(mb.x_ng.new_zeros(self.n_latent), 1.0).to_event(1))
@@ -174,6 +187,10 @@ class SCANVI(SCVI, CellTypePredictor):
     class_weights
         ``"balanced"`` weights the cross-entropy of each type by the inverse of its share of labelled
         cells (rare types count as much as common ones); ``None`` (default): unweighted.
+    label_prior
+        :math:`\\pi_y`: ``"uniform"`` (default, as scvi-tools), or ``"learned"``: a parameter fitted by the
+        ELBO, the types' proportions, starting from the labelled cells' type frequencies (with a uniform
+        prior the ELBO gains by spreading the cells of a large type over the types without labels).
 
     The queries of :class:`pyro_sc.SCVI` (latent z1, normalised expression, differential expression)
     work as there, plus :meth:`predict`.
@@ -204,6 +221,7 @@ class SCANVI(SCVI, CellTypePredictor):
         encode_covariates: bool = False,
         classification_ratio: float = 50.0,
         class_weights: str | None = None,
+        label_prior: str = "uniform",
         allow_non_integer: bool = False,
     ):
         setup = AnnDataSetup(
@@ -214,16 +232,18 @@ class SCANVI(SCVI, CellTypePredictor):
             self, setup, likelihood=likelihood, dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden,
             n_layers=n_layers, dropout_rate=dropout_rate, latent_library=latent_library,
             encode_covariates=encode_covariates, classification_ratio=classification_ratio,
-            class_weights=class_weights,
+            class_weights=class_weights, label_prior=label_prior,
         )
         self.pretrained = False  # set by from_scvi: shortens the default training
 
     @classmethod
     def _make_module(cls, setup: AnnDataSetup, **kwargs) -> SCANVIModule:
         means, vars_ = setup.log_library_stats()
+        # a learned pi_y starts at the labelled cells' type frequencies (plus one cell of each type)
+        counts_y = np.bincount(setup.label_codes_n[setup.label_codes_n >= 0], minlength=setup.n_labels) + 1.0
         return SCANVIModule(
             setup.n_vars, n_labels=setup.n_labels, n_batch=setup.n_batch, library_log_means=means,
-            library_log_vars=vars_, **kwargs,
+            library_log_vars=vars_, label_proportions=counts_y / counts_y.sum(), **kwargs,
         )
 
     @classmethod
@@ -239,12 +259,13 @@ class SCANVI(SCVI, CellTypePredictor):
         labels_key: str,
         unlabeled_category: str,
         adata: AnnData | None = None,
-        classification_ratio: float = 50.0,
-        class_weights: str | None = None,
+        **options,
     ) -> "SCANVI":
         """A semi-supervised VAE whose encoders, decoder and dispersions start as a trained scVI's.
 
         ``adata`` defaults to the scVI's training data; it must have the same genes and batches.
+        ``options`` are the semi-supervised ones of the constructor (``classification_ratio``,
+        ``class_weights``, ``label_prior``); the architecture is the scVI's.
         """
         if not isinstance(scvi_model, SCVI):
             raise TypeError(f"from_scvi needs a trained pyro_sc.SCVI, got {type(scvi_model).__name__}")
@@ -264,17 +285,18 @@ class SCANVI(SCVI, CellTypePredictor):
             AnnDataSetup.from_registry(adata, {**registry, "labels_key": None})  # same genes, known batches
         model = cls(
             adata, labels_key=labels_key, unlabeled_category=unlabeled_category, batch_key=registry["batch_key"],
-            layer=registry["layer"], classification_ratio=classification_ratio, class_weights=class_weights,
-            allow_non_integer=registry["allow_non_integer"], **architecture,
+            layer=registry["layer"], allow_non_integer=registry["allow_non_integer"], **architecture, **options,
         )
         mine, theirs = (
             [] if s.batch_categories is None else list(s.batch_categories) for s in (model.setup, scvi_model.setup)
         )
         if mine != theirs:
             raise DataError(f"the batches of this AnnData {mine} differ from the scVI's {theirs}")
-        model.module.load_state_dict(scvi_model.module.state_dict(), strict=False)
+        # the copied parameters are kept to be copied again when the first seeded train() rebuilds the
+        # module: the new networks then start from the training seed, whatever ran before
+        model._copied_state = {k: v.detach().clone() for k, v in scvi_model.module.state_dict().items()}
+        model.module.load_state_dict(model._copied_state, strict=False)
         model.pretrained = True
-        model._rebuild_on_seeded_train = False
         return model
 
     def _elbo(self) -> ELBO:

@@ -56,6 +56,22 @@ def test_from_scvi_starts_from_the_scvi_and_predicts_hidden_labels(simulated, sc
     assert trained.get_latent_representation().shape == (adata.n_obs, 5)
 
 
+def test_from_scvi_then_train_depends_on_the_seed_not_on_what_ran_before(scvi):
+    runs = []
+    for noise in (0, 1000):
+        torch.randn(noise)  # other work using the global random state before the model is made
+        model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+        model.train(max_epochs=2, progress_bar=False, seed=3)
+        runs.append(model.predict())
+    pd.testing.assert_frame_equal(runs[0], runs[1], atol=1e-5, rtol=0)
+    # the encoder still starts as the scVI's after the seeded rebuild: the first epoch's loss is far
+    # below that of a semi-supervised VAE started from scratch
+    fresh = pyro_sc.SCANVI(scvi.adata, labels_key="seed_labels", unlabeled_category="Unknown", batch_key="batch",
+                           n_latent=5)
+    fresh.train(max_epochs=1, progress_bar=False, seed=3)
+    assert model.history["train_loss"].iloc[0] < fresh.history["train_loss"].iloc[0]
+
+
 def test_marginal_ll_sums_the_type_and_ignores_labels(simulated, trained):
     adata, _, _ = simulated
     ll = trained.get_marginal_ll(n_samples=20)
@@ -115,3 +131,27 @@ def test_cellbench_cell_lines_from_five_percent_of_labels():
     model.train(max_epochs=30, progress_bar=False, seed=0)
     predicted_n = model.predict_labels().to_numpy()
     assert metrics.accuracy(truth_n[hidden_n], predicted_n[hidden_n]) > 0.95
+
+
+def test_learned_label_prior_finds_the_type_proportions():
+    full = datasets.simulate_scvi(1600, 200, n_latent=4, n_types=4, n_batches=2, seed=1)
+    type_n = full.obs["cell_type"].astype(str).to_numpy()
+    keep_share = {"type_0": 1.0, "type_1": 0.5, "type_2": 0.25, "type_3": 0.125}  # uneven types
+    rng = np.random.default_rng(0)
+    adata = full[rng.random(full.n_obs) < np.vectorize(keep_share.get)(type_n)].copy()
+    truth_n = adata.obs["cell_type"].astype(str).to_numpy()
+    # labels biased towards the rarest type: its share among the labelled cells is ~5x its true share
+    label_share = {"type_0": 0.05, "type_1": 0.05, "type_2": 0.05, "type_3": 0.4}
+    hidden_n = rng.random(adata.n_obs) >= np.vectorize(label_share.get)(truth_n)
+    adata.obs["seed_labels"] = np.where(hidden_n, "Unknown", truth_n)
+    model = pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", batch_key="batch",
+                           n_latent=5, label_prior="learned")
+    start_y = torch.softmax(model.module.logits_pi_y.detach(), -1).numpy()
+    model.train(max_epochs=60, lr=1e-2, progress_bar=False, seed=0)
+    pi_y = torch.softmax(model.module.logits_pi_y.detach(), -1).numpy()
+    share_y = pd.Series(truth_n).value_counts(normalize=True).reindex(model.setup.label_categories).to_numpy()
+    assert np.abs(start_y - share_y).max() > 0.2  # it starts at the (biased) labelled frequencies
+    np.testing.assert_allclose(pi_y, share_y, atol=0.04)  # and ends at the true 0.53 / 0.27 / 0.13 / 0.07
+    assert metrics.accuracy(truth_n[hidden_n], model.predict_labels().to_numpy()[hidden_n]) > 0.95
+    with pytest.raises(ValueError, match="label_prior must be 'uniform' or 'learned'"):
+        pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", label_prior="empirical")
