@@ -311,15 +311,19 @@ class BaseModel:
         }
         self._build_under_seed(options.get("seed"))
         self.device = torch.device(options.get("device", "cpu"))
-        history = fit(
-            self.model,
-            self.guide,
-            self.setup,
-            modules=self._modules(),
-            elbo=options.pop("elbo", None) or self._elbo(),
-            extra_loss=options.pop("extra_loss", None) or self._extra_loss(),
-            **options,
-        )
+        self._in_training = True  # queries are allowed in callbacks, e.g. to monitor a score per epoch
+        try:
+            history = fit(
+                self.model,
+                self.guide,
+                self.setup,
+                modules=self._modules(),
+                elbo=options.pop("elbo", None) or self._elbo(),
+                extra_loss=options.pop("extra_loss", None) or self._extra_loss(),
+                **options,
+            )
+        finally:
+            self._in_training = False
         if self.history is not None:
             history["epoch"] += int(self.history["epoch"].max())
             history = pd.concat([self.history, history], ignore_index=True)
@@ -328,7 +332,7 @@ class BaseModel:
 
     # --------------------------------------------------------------------------------------- queries
     def _check_trained(self) -> None:
-        if not self.is_trained:
+        if not (self.is_trained or getattr(self, "_in_training", False)):
             raise RuntimeError(f"{type(self).__name__} is not trained yet: call .train() first")
 
     def _setup_for(self, adata: AnnData | None) -> AnnDataSetup:

@@ -90,6 +90,23 @@ def test_queries_on_new_data_and_untrained_model(trained, simulated):
         pyro_sc.SCVI(simulated).get_latent_representation()
 
 
+def test_a_callback_can_score_the_latent_during_the_first_training(simulated):
+    truth_n = simulated.obs["cell_type"].astype(str).to_numpy()
+    model = pyro_sc.SCVI(simulated, batch_key="batch", n_latent=5)
+
+    def nearest_centroid_accuracy(record):  # how well the types separate in the latent, per epoch
+        latent_nk = model.get_latent_representation()
+        types = np.unique(truth_n)
+        centroids_tk = np.stack([latent_nk[truth_n == t].mean(0) for t in types])
+        nearest_n = types[((latent_nk[:, None, :] - centroids_tk) ** 2).sum(-1).argmin(1)]
+        record["accuracy"] = metrics.accuracy(truth_n, nearest_n)
+
+    history = model.train(max_epochs=6, callbacks=[nearest_centroid_accuracy], progress_bar=False, seed=0)
+    assert history["accuracy"].notna().all() and history["accuracy"].iloc[-1] > 0.9
+    with pytest.raises(RuntimeError, match="not trained"):  # the queries are open during training only
+        pyro_sc.SCVI(simulated).get_latent_representation()
+
+
 @pytest.mark.parametrize(
     "options", [{"likelihood": "nb"}, {"dispersion": "gene-batch"}, {"latent_library": True, "encode_covariates": True}]
 )
