@@ -403,7 +403,8 @@ def fit(
         raise ValueError("checkpoint_every and checkpoint_path go together: pass both, or neither")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for mod in modules for m in mod.modules()):
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm
+    if batch_size < 2 and any(isinstance(m, batch_norm) for module in modules for m in module.modules()):
         raise ValueError(
             f"batch_size={batch_size}: the networks use batch normalisation, which needs at least two cells "
             "per minibatch; use batch_size >= 2 (scVI's default is 128)"

@@ -56,10 +56,11 @@ class BaseModel:
         self.setup = setup
         self.module_kwargs = module_kwargs
         self.module: PyroModule = self._make_module(setup, **module_kwargs)
-        # The first seeded train() rebuilds this freshly made module under its seed; a module whose
-        # parameters were set otherwise (loaded, copied from another model) sets this False.
+        # The first seeded train() rebuilds this freshly made module under its seed; a loaded module sets
+        # this False. Parameters copied from another model (_copied_state) are loaded into the rebuilt one.
         self._rebuild_on_seeded_train = True
-        self._copied_state: dict[str, torch.Tensor] | None = None  # loaded again into a rebuilt module
+        self._copied_state: dict[str, torch.Tensor] | None = None
+        self._in_training = False  # queries are open while train() runs (for callbacks)
         self.history: pd.DataFrame | None = None
         self.device = torch.device("cpu")
         # set_guide's state: the custom guide (None: the method's own), how it was built from an autoguide
@@ -311,7 +312,7 @@ class BaseModel:
         }
         self._build_under_seed(options.get("seed"))
         self.device = torch.device(options.get("device", "cpu"))
-        self._in_training = True  # queries are allowed in callbacks, e.g. to monitor a score per epoch
+        self._in_training = True
         try:
             history = fit(
                 self.model,
@@ -332,7 +333,7 @@ class BaseModel:
 
     # --------------------------------------------------------------------------------------- queries
     def _check_trained(self) -> None:
-        if not (self.is_trained or getattr(self, "_in_training", False)):
+        if not (self.is_trained or self._in_training):
             raise RuntimeError(f"{type(self).__name__} is not trained yet: call .train() first")
 
     def _setup_for(self, adata: AnnData | None) -> AnnDataSetup:

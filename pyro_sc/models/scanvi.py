@@ -113,13 +113,11 @@ class SCANVIModule(SCVIModule):
         self.z1_prior_net = GaussianEncoder(n_latent, n_latent, n_hidden=n_hidden, n_cat_list=[n_labels], dropout_rate=0.0)
         # logits of pi_y: fixed at uniform, or a parameter (the type proportions, fitted by the ELBO)
         # starting from label_proportions
-        logits_y = torch.zeros(n_labels)
-        if label_prior == "learned" and label_proportions is not None:
-            logits_y = torch.as_tensor(np.log(np.asarray(label_proportions, dtype=np.float64)), dtype=torch.float32)
-        if label_prior == "learned":
-            self.logits_pi_y = nn.Parameter(logits_y)
+        if label_prior == "uniform":
+            self.register_buffer("logits_pi_y", torch.zeros(n_labels))
         else:
-            self.register_buffer("logits_pi_y", logits_y)
+            start_y = np.full(n_labels, 1.0 / n_labels) if label_proportions is None else label_proportions
+            self.logits_pi_y = nn.Parameter(torch.as_tensor(np.log(np.asarray(start_y, dtype=np.float64))).float())
 
     @staticmethod
     def _labels(mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
