@@ -15,7 +15,8 @@ Generative process for cell :math:`n` of batch :math:`s_n` and gene :math:`g`:
 
 **It is** :math:`z_1` **that is decoded into counts** (scvi-tools' convention, which this module
 follows so that a trained scVI's encoder / decoder carry over as they are); :math:`z_2` only structures
-:math:`z_1` by cell type. :math:`\pi_y` is uniform, or a parameter (``label_prior="learned"``).
+:math:`z_1` by cell type. :math:`\pi_y` is fixed at the labelled cells' type frequencies (default),
+uniform, or a parameter (``label_prior``).
 
 Guide: :math:`q(z_1 \mid x)\, q(\ell \mid x)\, q(y \mid z_1)\, q(z_2 \mid z_1, y)`, all networks (the
 first two are scVI's encoders). A labelled cell's :math:`y` is observed; an unlabelled cell's is
@@ -89,7 +90,7 @@ class SCANVIModule(SCVIModule):
         classifier_n_hidden: int = 128,
         classification_ratio: float = 50.0,
         class_weights: str | None = None,
-        label_prior: str = "uniform",
+        label_prior: str = "labelled",
         label_proportions: Sequence[float] | None = None,
         **scvi_kwargs,
     ):
@@ -98,8 +99,8 @@ class SCANVIModule(SCVIModule):
             raise ValueError(f"the semi-supervised VAE needs at least 2 cell types, got {n_labels}")
         if class_weights not in (None, "balanced"):
             raise ValueError(f"class_weights must be None or 'balanced', got {class_weights!r}")
-        if label_prior not in ("uniform", "learned"):
-            raise ValueError(f"label_prior must be 'uniform' or 'learned', got {label_prior!r}")
+        if label_prior not in ("uniform", "labelled", "learned"):
+            raise ValueError(f"label_prior must be 'uniform', 'labelled' or 'learned', got {label_prior!r}")
         self.n_labels = n_labels
         self.classification_ratio, self.class_weights = float(classification_ratio), class_weights
         n_latent, n_hidden = self.n_latent, scvi_kwargs.get("n_hidden", 128)
@@ -111,13 +112,16 @@ class SCANVIModule(SCVIModule):
             n_latent, n_latent, n_hidden=n_hidden, n_cat_list=[n_labels], dropout_rate=dropout
         )
         self.z1_prior_net = GaussianEncoder(n_latent, n_latent, n_hidden=n_hidden, n_cat_list=[n_labels], dropout_rate=0.0)
-        # logits of pi_y: fixed at uniform, or a parameter (the type proportions, fitted by the ELBO)
-        # starting from label_proportions
+        # logits of pi_y: fixed at uniform or at label_proportions, or a parameter (the type proportions,
+        # fitted by the ELBO) starting from label_proportions
+        start_y = np.full(n_labels, 1.0 / n_labels) if label_proportions is None else label_proportions
+        logits_y = torch.as_tensor(np.log(np.asarray(start_y, dtype=np.float64))).float()
         if label_prior == "uniform":
             self.register_buffer("logits_pi_y", torch.zeros(n_labels))
+        elif label_prior == "labelled":
+            self.register_buffer("logits_pi_y", logits_y)
         else:
-            start_y = np.full(n_labels, 1.0 / n_labels) if label_proportions is None else label_proportions
-            self.logits_pi_y = nn.Parameter(torch.as_tensor(np.log(np.asarray(start_y, dtype=np.float64))).float())
+            self.logits_pi_y = nn.Parameter(logits_y)
 
     @staticmethod
     def _labels(mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +190,14 @@ class SCANVI(SCVI, CellTypePredictor):
         ``"balanced"`` weights the cross-entropy of each type by the inverse of its share of labelled
         cells (rare types count as much as common ones); ``None`` (default): unweighted.
     label_prior
-        :math:`\\pi_y`: ``"uniform"`` (default, as scvi-tools), or ``"learned"``: a parameter fitted by the
-        ELBO, the types' proportions, starting from the labelled cells' type frequencies (with a uniform
-        prior the ELBO gains by spreading the cells of a large type over the types without labels).
+        :math:`\\pi_y`: ``"labelled"`` (default): fixed at the labelled cells' type frequencies (plus one
+        cell of each type), the estimate of the types' proportions when the labelled cells are a random
+        sample; ``"uniform"`` (scvi-tools' choice): with it the ELBO gains by spreading the cells of a large
+        type over the types with few labels (on ifnb with 5 % of labels, up to 140 of the 871 unlabelled CD14
+        monocytes were called DC, a type with one labelled cell); ``"learned"``: a parameter fitted by the
+        ELBO, starting from the labelled frequencies, for labels that are not a random sample of the cells.
+        A prior that follows the proportions predicts the common types better and the rare ones worse
+        than a uniform one.
 
     The queries of :class:`pyro_sc.SCVI` (latent z1, normalised expression, differential expression)
     work as there, plus :meth:`predict`.
@@ -219,7 +228,7 @@ class SCANVI(SCVI, CellTypePredictor):
         encode_covariates: bool = False,
         classification_ratio: float = 50.0,
         class_weights: str | None = None,
-        label_prior: str = "uniform",
+        label_prior: str = "labelled",
         allow_non_integer: bool = False,
     ):
         setup = AnnDataSetup(
@@ -332,8 +341,10 @@ class SCANVI(SCVI, CellTypePredictor):
     ) -> pd.DataFrame:
         """Train by SVI with the ELBO summed exactly over unknown types (see :func:`pyro_sc.infer.fit`).
 
-        ``max_epochs`` defaults to scvi-tools' rule ``min(round(20000 / n_cells * 400), 400)``, a third of
-        that (at least 20) when the model starts from a trained scVI. Each step also draws up to
+        ``max_epochs`` defaults to scvi-tools' rule for scVI, ``min(round(20000 / n_cells * 400), 400)``,
+        two thirds of that (at least 20) when the model starts from a trained scVI (on ifnb with 5 % of
+        labels, the accuracy on the unlabelled cells still rose from 0.84 to 0.86 between epochs 133 and
+        267, on two initialisations). Each step also draws up to
         ``batch_size`` labelled cells for the classification term. KL warm-up (``n_epochs_kl_warmup``,
         in epochs) is off by default.
         """
@@ -341,7 +352,7 @@ class SCANVI(SCVI, CellTypePredictor):
         if max_epochs is None:
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
             if getattr(self, "pretrained", False):
-                max_epochs = max(20, round(max_epochs / 3))
+                max_epochs = max(20, round(2 * max_epochs / 3))
         train_size = fit_kwargs.get("train_size", 0.9)
         warmup = self._kl_warmup_steps(n_epochs_kl_warmup, batch_size, train_size, fit_kwargs.get("train_indices"))
         self._labelled_batch_size = batch_size

@@ -153,5 +153,24 @@ def test_learned_label_prior_finds_the_type_proportions():
     assert np.abs(start_y - share_y).max() > 0.2  # it starts at the (biased) labelled frequencies
     np.testing.assert_allclose(pi_y, share_y, atol=0.04)  # and ends at the true 0.53 / 0.27 / 0.13 / 0.07
     assert metrics.accuracy(truth_n[hidden_n], model.predict_labels().to_numpy()[hidden_n]) > 0.95
-    with pytest.raises(ValueError, match="label_prior must be 'uniform' or 'learned'"):
+    with pytest.raises(ValueError, match="label_prior must be 'uniform', 'labelled' or 'learned'"):
         pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", label_prior="empirical")
+
+
+def test_labelled_label_prior_is_the_labelled_frequencies_and_stays_fixed(tmp_path):
+    adata = datasets.simulate_scvi(300, 50, n_latent=3, n_types=3, n_batches=1, seed=2)
+    truth_n = adata.obs["cell_type"].astype(str).to_numpy()
+    labelled_n = np.zeros(adata.n_obs, dtype=bool)
+    for t, k in {"type_0": 30, "type_1": 10, "type_2": 5}.items():
+        labelled_n[np.flatnonzero(truth_n == t)[:k]] = True
+    adata.obs["seed_labels"] = np.where(labelled_n, truth_n, "Unknown")
+    model = pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", n_latent=3,
+                           label_prior="labelled")
+    model.train(max_epochs=3, progress_bar=False, seed=0)
+    pi_y = pd.Series(torch.softmax(model.module.logits_pi_y, -1).numpy(), index=model.setup.label_categories)
+    # the labelled cells' frequencies with one more cell of each type: 31 / 11 / 6 of 48
+    np.testing.assert_allclose(pi_y[["type_0", "type_1", "type_2"]], np.array([31, 11, 6]) / 48, rtol=1e-5)
+    assert not any(p is model.module.logits_pi_y for p in model.module.parameters())
+    model.save(tmp_path / "m.pt")
+    loaded = pyro_sc.SCANVI.load(tmp_path / "m.pt", adata)
+    torch.testing.assert_close(loaded.module.logits_pi_y, model.module.logits_pi_y)
