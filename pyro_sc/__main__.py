@@ -1,10 +1,10 @@
 """Command line: ``python -m pyro_sc demo`` trains scVI on real data and writes a report and figures.
 
-The demo reads ifnb_2800 (IFN-beta stimulated and control PBMCs) from the data directory
-(``PYRO_SC_DATA_DIR``, default ``../shared/data``), keeps 2,000 ``seurat_v3`` variable genes chosen
+The demo reads ifnb_2800 (IFN-beta stimulated and control PBMCs) through :mod:`pyro_sc.datasets` (the
+data directory ``PYRO_SC_DATA_DIR`` if set, else the per-user cache, else a download), keeps 2,000 ``seurat_v3`` variable genes chosen
 with the condition as batch, trains scVI with the condition as batch, and reports the Leiden ARI of the
-latent space against the curated cell types and the mixing of the two conditions (iLISI). Without the
-data it simulates counts from scVI's own generative model instead.
+latent space against the curated cell types and the mixing of the two conditions (iLISI). When the
+data cannot be had (no data directory, no cache, no network) it simulates counts from scVI's own generative model instead.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("demo", help="train scVI on ifnb_2800 (or simulated data) and write figures")
     run.add_argument("--out", default="pyro_sc_output", help="output folder (default: pyro_sc_output)")
-    run.add_argument("--data-dir", default=None, help="data directory (default: $PYRO_SC_DATA_DIR or ../shared/data)")
+    run.add_argument("--data-dir", default=None, help="a folder of ready data sets (default: $PYRO_SC_DATA_DIR, else the cache, else a download)")
     run.add_argument("--epochs", type=int, default=None, help="epochs (default: scvi-tools' rule, 400 here)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,9 +1,19 @@
-"""Package-wide settings.
+"""Package-wide settings: where the real data sets are found, cached and downloaded from.
 
-``data_dir`` is the one place the package looks for the real data sets. It is read from the environment
-variable ``PYRO_SC_DATA_DIR`` when set, otherwise it is ``../shared/data`` relative to the working
-directory (the layout of this project's checkouts). Change it at run time with
-``pyro_sc.settings.data_dir = "/path/to/data"``.
+Each is read once from its environment variable when pyro_sc is imported, and can be changed at run
+time, e.g. ``pyro_sc.settings.data_dir = "/path/to/data"``.
+
+``data_dir`` (``PYRO_SC_DATA_DIR``; default None)
+    A folder of ready data sets laid out as ``<data_dir>/<name>/<file>.h5ad`` (and ``markers/``).
+    Looked at first. Nothing defaults to a path relative to the working directory.
+``cache_dir`` (``PYRO_SC_CACHE_DIR``; default the per-user cache, e.g. ``~/.cache/pyro_sc`` on Linux)
+    Where downloaded originals (``<cache_dir>/originals/<name>/``) and the converted h5ad files
+    (``<cache_dir>/<name>/``) are kept. Looked at second.
+``base_url`` (``PYRO_SC_BASE_URL``; default None)
+    A mirror of the original files laid out as ``<base_url>/<name>/<original file>``; None fetches each
+    file from its public URL (GitHub, at a pinned commit). The checksums are the same either way.
+``download`` (``PYRO_SC_DOWNLOAD``; default True, ``0`` / ``false`` / ``no`` turn it off)
+    Whether a data set in neither place may be downloaded.
 """
 
 from __future__ import annotations
@@ -12,5 +22,23 @@ import os
 from pathlib import Path
 
 DATA_DIR_ENV = "PYRO_SC_DATA_DIR"
+CACHE_DIR_ENV = "PYRO_SC_CACHE_DIR"
+BASE_URL_ENV = "PYRO_SC_BASE_URL"
+DOWNLOAD_ENV = "PYRO_SC_DOWNLOAD"
 
-data_dir: Path = Path(os.environ.get(DATA_DIR_ENV, "../shared/data")).expanduser()
+
+def _default_cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("pyro_sc", appauthor=False))
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "")
+    return Path(value).expanduser().resolve() if value else None
+
+
+data_dir: Path | None = _env_path(DATA_DIR_ENV)
+cache_dir: Path = _env_path(CACHE_DIR_ENV) or _default_cache_dir()
+base_url: str | None = os.environ.get(BASE_URL_ENV) or None
+download: bool = os.environ.get(DOWNLOAD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
