@@ -216,11 +216,10 @@ def test_model_de_input_errors(trained_two_groups):
 
 # ------------------------------------------------------------------------------ real data
 @pytest.mark.slow
-def test_ifnb_monocyte_and_b_cell_markers():
-    try:
-        adata = datasets.load_ifnb(n_top_genes=2000)
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+@pytest.mark.real_data
+def test_ifnb_monocyte_and_b_cell_markers(real_data):
+    real_data("ifnb_2800")
+    adata = datasets.load_ifnb(n_top_genes=2000)
     model = pyro_sc.SCVI(adata, batch_key="condition")
     with one_thread():
         model.train(max_epochs=100, progress_bar=False, seed=0)

@@ -154,13 +154,12 @@ def test_bad_markers_and_size_factors_are_named(simulated):
 
 
 @pytest.mark.slow
+@pytest.mark.real_data
 @pytest.mark.parametrize("marker_set, target", [("tian_73_73", 0.99), ("tian_20_73", 0.95)])
-def test_cellbench_accuracy_with_the_papers_markers(marker_set, target):
-    try:
-        adata = datasets.load_cellbench()
-        markers = datasets.load_markers(marker_set)
-    except FileNotFoundError:
-        pytest.skip("cellbench_3cl not in the data directory")
+def test_cellbench_accuracy_with_the_papers_markers(marker_set, target, real_data):
+    real_data("cellbench_3cl")  # and its markers/
+    adata = datasets.load_cellbench()
+    markers = datasets.load_markers(marker_set)
     model = pyro_sc.CellAssign(adata, markers, var_key="gene_symbol", drop_missing_markers=True)
     model.train(seed=0)
     accuracy = metrics.accuracy(adata.obs["cell_line_demuxlet"].astype(str), model.predict_labels())

@@ -165,14 +165,13 @@ def test_top_genes_rejects_a_bad_n(trained):
 
 
 @pytest.fixture(scope="module")
-def pancreas():
-    try:
-        # genes detected in >= 300 of the 822 cells (674): small enough for a test
-        return datasets.load_baron_mouse1(min_cells=300)
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def pancreas(real_data):
+    real_data("baron_mouse1")
+    # genes detected in >= 300 of the 822 cells (674): small enough for a test
+    return datasets.load_baron_mouse1(min_cells=300)
 
 
+@pytest.mark.real_data
 def test_beta_cell_topic_ranks_insulin_first_on_mouse_pancreas(pancreas):
     model = pyro_sc.ETM(pancreas, n_topics=16, n_embedding=64)
     model.train(max_epochs=60, lr=1e-2, progress_bar=False, seed=0)

@@ -122,7 +122,9 @@ def test_bad_input(simulated, scvi):
 
 
 @pytest.mark.slow
-def test_cellbench_cell_lines_from_five_percent_of_labels():
+@pytest.mark.real_data
+def test_cellbench_cell_lines_from_five_percent_of_labels(real_data):
+    real_data("cellbench_3cl")
     adata = datasets.select_hvg(datasets.load_cellbench(), 2000, batch_key="batch")
     adata, hidden_n, truth_n = with_hidden_labels(adata, 0.05, seed=0, key="cell_line_demuxlet")
     scvi = pyro_sc.SCVI(adata, batch_key="batch")

@@ -125,14 +125,13 @@ def test_bad_options_are_named(simulated):
 
 
 @pytest.mark.slow
-def test_ifnb_latent_separates_cell_types_and_mixes_conditions():
+@pytest.mark.real_data
+def test_ifnb_latent_separates_cell_types_and_mixes_conditions(real_data):
     """Real data: 2,800 PBMCs, 13 curated types, CTRL / STIM. A short run (60 epochs, KL warm-up over
     20) must already separate the types (Leiden ARI > 0.45 at resolution 1) and mix the conditions
     (median iLISI > 1.5 of at most 2)."""
-    try:
-        adata = datasets.load_ifnb(n_top_genes=2000)
-    except FileNotFoundError:
-        pytest.skip("ifnb_2800 not in the data directory")
+    real_data("ifnb_2800")
+    adata = datasets.load_ifnb(n_top_genes=2000)
     model = pyro_sc.SCVI(adata, batch_key="condition")
     model.train(max_epochs=60, n_epochs_kl_warmup=20, progress_bar=False, seed=0)  # KL fully on by epoch 20
     latent_nk = model.get_latent_representation()
