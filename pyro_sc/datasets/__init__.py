@@ -215,12 +215,13 @@ def load_markers(name: str, *, data_dir: PathLike | None = None) -> pd.DataFrame
         found = cache_dir() / "markers" / MARKER_GROUP / original.name
         if not found.exists():
             require_downloads(f"marker list {name!r}", [found])
-            found = fetch(MARKER_GROUP, original, found.parent)
+            hint = f", or point pyro_sc.settings.data_dir at a folder holding markers/{MARKER_GROUP}/{original.name}"
+            found = fetch(MARKER_GROUP, original, found.parent, manual_hint=hint)
     if found.suffix == ".csv":
         matrix = pd.read_csv(found, index_col=0)
     else:
         matrix = marker_list_to_matrix(_read_marker_yaml(found))
-    return matrix.sort_index()
+    return matrix.sort_index().rename_axis(index="gene")
 
 
 def _read_marker_yaml(path: Path) -> dict[str, list[str]]:
