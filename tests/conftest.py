@@ -57,8 +57,9 @@ def _dataset_file(name: str) -> str | None:
     """The file name of data set ``name`` inside its folder, when pyro_sc.datasets knows it."""
     from pyro_sc import datasets
 
-    entry = getattr(datasets, "DATASETS", {}).get(name)
-    return entry if isinstance(entry, str) else None
+    entry = getattr(datasets, "DATASETS", {}).get(name)  # a file name, or a record with .file
+    file = entry if isinstance(entry, str) else getattr(entry, "file", None)
+    return file if isinstance(file, str) else None
 
 
 def require_dataset(*names: str) -> Path:

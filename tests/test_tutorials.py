@@ -19,7 +19,7 @@ NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 
 # loader in a notebook's code -> the data set it reads
 LOADERS = {"load_ifnb": "ifnb_2800", "load_cellbench": "cellbench_3cl", "load_baron_mouse1": "baron_mouse1",
-           "load_markers": "cellbench_3cl"}
+           "load_pbmc3k": "pbmc3k_hvg2000", "load_markers": "cellbench_3cl"}
 
 
 def datasets_read_by(notebook) -> list[str]:
