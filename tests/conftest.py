@@ -4,7 +4,8 @@ The data directory is decided once, when this file is imported (before any test 
 pyro_sc): the environment variable ``PYRO_SC_DATA_DIR`` if set and not empty, else ``../shared/data``
 beside the repository if it is a directory, else none. When there is one, ``pyro_sc.settings.data_dir``
 is set to its resolved absolute path and ``PYRO_SC_DATA_DIR`` is exported with it (notebook kernels
-inherit it). Downloading is always off (``pyro_sc.settings.download = False``, ``PYRO_SC_DOWNLOAD=0``):
+inherit it). The cache is a temporary folder of the session's own (``PYRO_SC_CACHE_DIR``), never the
+user's. Downloading is always off (``pyro_sc.settings.download = False``, ``PYRO_SC_DOWNLOAD=0``):
 no test reaches the internet; the downloader's own tests turn it back on against a local server.
 
 A test that reads real data carries ``@pytest.mark.real_data`` and asks the ``real_data`` fixture for
@@ -17,7 +18,10 @@ fails (exit status 1) with a message saying so, so that a broken data path canno
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,10 @@ def find_data_dir() -> Path | None:
 
 
 DATA_DIR = find_data_dir()
+# the tests never read or fill the user's own cache: an empty one of their own, removed at exit
+CACHE_DIR = Path(tempfile.mkdtemp(prefix="pyro_sc_test_cache_"))
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
+os.environ["PYRO_SC_CACHE_DIR"] = str(CACHE_DIR)
 os.environ[DOWNLOAD_ENV] = "0"
 if DATA_DIR is not None:
     os.environ[DATA_DIR_ENV] = str(DATA_DIR)
@@ -50,6 +58,7 @@ else:
 import pyro_sc  # noqa: E402  (after the environment above, which pyro_sc.settings reads on import)
 
 pyro_sc.settings.data_dir = DATA_DIR
+pyro_sc.settings.cache_dir = CACHE_DIR
 pyro_sc.settings.download = False
 
 

@@ -29,15 +29,13 @@ from pyro_sc.datasets import ChecksumError, DataUnavailableError
 from pyro_sc.datasets._sources import DATASETS, MARKER_GROUP, MARKERS
 
 SHIPPED = settings.data_dir  # the tests' data directory (tests/conftest.py), or None
-ORIGINALS = None if SHIPPED is None else Path(SHIPPED) / "originals"
+NEEDED = ["originals", f"markers/{MARKER_GROUP}", *DATASETS]  # what the downloader is checked against
 
 
-def _require_originals() -> Path:
-    if ORIGINALS is None:
-        pytest.skip("no data directory: set PYRO_SC_DATA_DIR or place ../shared/data beside the repository")
-    if not ORIGINALS.is_dir():
-        pytest.skip(f"{ORIGINALS} not found (the public originals the downloader is tested against)")
-    return ORIGINALS
+@pytest.fixture(scope="module")
+def originals(real_data) -> Path:
+    """The public originals (skips, naming what is missing, without a data directory holding them)."""
+    return real_data(*NEEDED) / "originals"
 
 
 def _serve(directory: Path, handler=None):
@@ -69,8 +67,7 @@ def _mirror(root: Path, originals: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mirror_url(tmp_path_factory):
-    originals = _require_originals()
+def mirror_url(tmp_path_factory, originals):
     url, stop = _serve(_mirror(tmp_path_factory.mktemp("mirror") / "root", originals))
     yield url
     stop()
@@ -143,8 +140,7 @@ def test_marker_lists_download_and_equal_the_shipped_matrices(fresh, mirror_url,
 
 
 @pytest.mark.real_data
-def test_checksum_mismatch_names_the_file_and_both_hashes_and_keeps_nothing(fresh, tmp_path, monkeypatch):
-    originals = _require_originals()
+def test_checksum_mismatch_names_the_file_and_both_hashes_and_keeps_nothing(fresh, originals, tmp_path, monkeypatch):
     tampered = tmp_path / "tampered"
     shutil.copytree(originals / "pbmc3k_hvg2000", tampered / "pbmc3k_hvg2000")
     target = tampered / "pbmc3k_hvg2000" / "pbmc_meta.rda"
@@ -186,8 +182,7 @@ class _CutHandler(_QuietHandler):
 
 
 @pytest.mark.real_data
-def test_interrupted_download_leaves_no_file_that_is_used_later(fresh, mirror_url, monkeypatch):
-    originals = _require_originals()
+def test_interrupted_download_leaves_no_file_that_is_used_later(fresh, originals, mirror_url, monkeypatch):
     url, stop = _serve(originals, handler=partial(_CutHandler, directory=str(originals)))
     monkeypatch.setattr(settings, "base_url", url)
     try:
@@ -253,9 +248,8 @@ def test_downloads_turned_off(fresh, monkeypatch):
 
 
 @pytest.mark.real_data
-def test_the_data_directory_comes_first_then_the_cache(fresh, tmp_path):
-    if SHIPPED is None:
-        pytest.skip("no data directory: set PYRO_SC_DATA_DIR or place ../shared/data beside the repository")
+def test_the_data_directory_comes_first_then_the_cache(fresh, real_data, tmp_path):
+    real_data("cellbench_3cl")
     shipped = Path(SHIPPED) / "cellbench_3cl" / DATASETS["cellbench_3cl"].file
     assert datasets.data_path("cellbench_3cl", data_dir=SHIPPED) == shipped
     settings.data_dir = Path(SHIPPED)
