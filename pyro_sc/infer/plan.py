@@ -12,6 +12,7 @@ seeds itself, so a resumed plan ends with the parameters of an uninterrupted one
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Callable
@@ -77,7 +78,8 @@ class TrainingPlan:
             history = pd.DataFrame(phase["history"])
         else:
             history = train(**self._checkpointing(name))
-            phase = {"name": name, "history": history.to_dict(orient="list"), "state": {} if state is None else state()}
+            saved = {} if state is None else copy.deepcopy(state())  # copies: training goes on in place
+            phase = {"name": name, "history": history.to_dict(orient="list"), "state": saved}
         self.done.append(phase)
         if self.folder is not None:
             atomic_save({"kind": _KIND, "format_version": CHECKPOINT_FORMAT, "pyro_sc_version": __version__,

@@ -311,20 +311,32 @@ class BaseModel:
             "resume": resume,
         }
         self._build_under_seed(options.get("seed"))
+        return self._append_history(self._run_fit(**options))
+
+    def _run_fit(
+        self, *, model: Callable | None = None, guide: Callable | None = None, extra_loss: Any = "method",
+        elbo: ELBO | None = None, **options: Any,
+    ) -> pd.DataFrame:
+        """One run of :func:`pyro_sc.infer.fit` on this model's modules (queries stay open meanwhile, for
+        callbacks); ``model``, ``guide``, ``elbo`` and ``extra_loss`` (``"method"``: :meth:`_extra_loss`;
+        a callable, or None for none) default to the method's own."""
         self.device = torch.device(options.get("device", "cpu"))
         self._in_training = True
         try:
-            history = fit(
-                self.model,
-                self.guide,
+            return fit(
+                model or self.model,
+                guide or self.guide,
                 self.setup,
                 modules=self._modules(),
-                elbo=options.pop("elbo", None) or self._elbo(),
-                extra_loss=options.pop("extra_loss", None) or self._extra_loss(),
+                elbo=elbo or self._elbo(),
+                extra_loss=self._extra_loss() if isinstance(extra_loss, str) and extra_loss == "method" else extra_loss,
                 **options,
             )
         finally:
             self._in_training = False
+
+    def _append_history(self, history: pd.DataFrame) -> pd.DataFrame:
+        """``history`` after the epochs trained so far (its epochs renumbered to follow them)."""
         if self.history is not None:
             history["epoch"] += int(self.history["epoch"].max())
             history = pd.concat([self.history, history], ignore_index=True)

@@ -53,6 +53,7 @@ from torch import nn
 
 from ..data import AnnDataSetup, DataError, Minibatch, split_indices
 from ..nn import MLP, GaussianEncoder
+from ..infer import TrainingPlan
 from ._base import BaseModel, CellTypePredictor
 from .scanvi import known_labels_as_point_masses, without_labels
 from .scvi import Likelihood, SCVIModule
@@ -64,9 +65,9 @@ class CAPVIModule(SCVIModule):
     """capVI's model and guide. scVI's decoder, dispersions (per gene and batch), library encoder and
     likelihood are inherited; the latent encoder reads the cell type too. ``max_plate_nesting = 1``.
 
-    ``stage`` selects the objective: 1 is the classifier's weighted cross-entropy, written as a Pyro
-    model (a ``pyro.factor`` per labelled cell) with an empty guide; 2 and 3 are the ELBO.
-    ``use_labels`` says whether the ELBO observes known labels.
+    ``model`` / ``guide`` are the ELBO's pair (stages 2 and 3; ``use_labels`` says whether it observes
+    known labels); ``classifier_model`` is stage 1's objective, the classifier's weighted cross-entropy
+    written as a Pyro model (a ``pyro.factor`` per labelled cell) with no latent site.
     """
 
     max_plate_nesting = 1
@@ -108,7 +109,6 @@ class CAPVIModule(SCVIModule):
         self.logits_phi_c = nn.Parameter(torch.zeros(n_labels))
         weight_c = torch.ones(n_labels) if class_weight_c is None else torch.as_tensor(class_weight_c, dtype=torch.float32)
         self.register_buffer("class_weight_c", weight_c)
-        self.stage, self.use_labels = 3, False
 
     # ------------------------------------------------------------------------------ shared pieces
     def classify(self, mb: Minibatch) -> torch.Tensor:
@@ -120,18 +120,16 @@ class CAPVIModule(SCVIModule):
         enumerated (C, 1): (C, cells, n_latent)."""
         return self.z_encoder(torch.log1p(mb.x_ng), c, self._batch(mb))
 
-    def _labels(self, mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
-        y_n = mb.y_n if (self.use_labels and mb.y_n is not None) else None
+    def _labels(self, mb: Minibatch, use_labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        y_n = mb.y_n if (use_labels and mb.y_n is not None) else None
         if y_n is None:
             y_n = torch.full((len(mb),), -1, dtype=torch.long, device=mb.x_ng.device)
         return y_n.clamp(min=0), y_n >= 0
 
     # --------------------------------------------------------------------------------- model, guide
-    def model(self, mb: Minibatch):
-        if self.stage == 1:
-            return self._classifier_model(mb)
+    def model(self, mb: Minibatch, *, use_labels: bool = False):
         batch_n = self._batch(mb)
-        y_obs_n, labelled_n = self._labels(mb)
+        y_obs_n, labelled_n = self._labels(mb, use_labels)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             c_n = pyro.sample(
                 "c", dist.Categorical(logits=self.logits_phi_c).expand([len(mb)]), obs=y_obs_n, obs_mask=labelled_n
@@ -144,10 +142,8 @@ class CAPVIModule(SCVIModule):
             mu_ng = l_n.unsqueeze(-1) * rho_ng
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
-    def guide(self, mb: Minibatch):
-        if self.stage == 1:
-            return None
-        y_obs_n, labelled_n = self._labels(mb)
+    def guide(self, mb: Minibatch, *, use_labels: bool = False):
+        y_obs_n, labelled_n = self._labels(mb, use_labels)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             logits_nc = known_labels_as_point_masses(self.classify(mb), y_obs_n, labelled_n)
             c_n = pyro.sample("c_unobserved", dist.Categorical(logits=logits_nc), infer={"enumerate": "parallel"})
@@ -157,16 +153,17 @@ class CAPVIModule(SCVIModule):
                 l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), self._batch(mb))
                 pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
 
-    def _classifier_model(self, mb: Minibatch):
-        """Stage 1: the class-weighted log-likelihood of the labelled cells' types under q(c | x)."""
+    def classifier_model(self, mb: Minibatch):
+        """Stage 1's objective: the class-weighted log-likelihood of the labelled cells' types under q(c | x),
+        as a Pyro program with no latent site (its guide is empty)."""
         y_obs_n, labelled_n = mb.y_n.clamp(min=0), mb.y_n >= 0
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n), poutine.mask(mask=labelled_n):
             log_q_n = -F.cross_entropy(self.classify(mb), y_obs_n, reduction="none")
             pyro.factor("classifier", self.class_weight_c[y_obs_n] * log_q_n)
 
-    def batch_mixing_penalty(self, mb: Minibatch, strength: float) -> torch.Tensor:
+    def batch_mixing_penalty(self, mb: Minibatch, strength: float, *, use_labels: bool = False) -> torch.Tensor:
         """P of the module docstring on this minibatch, divided by its number of cells (a per-cell loss)."""
-        y_obs_n, labelled_n = self._labels(mb)
+        y_obs_n, labelled_n = self._labels(mb, use_labels)
         q_nc = torch.softmax(known_labels_as_point_masses(self.classify(mb), y_obs_n, labelled_n), -1)
         types_c1 = torch.arange(self.n_labels, device=mb.x_ng.device).unsqueeze(-1)
         zhat_cnk, _ = self.encode_z(mb, types_c1)
@@ -242,15 +239,13 @@ class CAPVI(BaseModel, CellTypePredictor):
         )
 
     def _elbo(self) -> ELBO:
-        if self.module.stage == 1:
-            return Trace_ELBO(max_plate_nesting=1)
         return TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
 
-    def _extra_loss(self):
-        if self.module.stage == 1 or self.module_kwargs["penalty"] == 0:
+    def _extra_loss(self, use_labels: bool = False):
+        if self.module_kwargs["penalty"] == 0:
             return None
         strength = self.module_kwargs["penalty"]
-        return lambda mb: self.module.batch_mixing_penalty(mb, strength)
+        return lambda mb: self.module.batch_mixing_penalty(mb, strength, use_labels=use_labels)
 
     def _train_defaults(self) -> dict:
         return {"lr": 1e-3, "eps": 0.01, "weight_decay": 1e-6, "batch_size": 128}
@@ -271,12 +266,17 @@ class CAPVI(BaseModel, CellTypePredictor):
         use_labels: bool = False,
         seed: int | None = 0,
         stages: Sequence[int] = (1, 2, 3),
+        checkpoint_every: int | None = None,
+        checkpoint_path=None,
+        resume=None,
         **fit_kwargs,
     ) -> pd.DataFrame:
-        """The three stages of capVI, each one run of :func:`pyro_sc.infer.fit` (its options pass through).
+        """The three stages of capVI, each one run of :func:`pyro_sc.infer.fit` (its options pass through),
+        as the phases of one :class:`~pyro_sc.infer.TrainingPlan`.
 
         1. the classifier q(c | x) alone, by class-weighted cross-entropy on the labelled training
-           cells, early stopping on the labelled validation cells' cross-entropy;
+           cells (:meth:`CAPVIModule.classifier_model`), early stopping on the labelled validation
+           cells' cross-entropy;
         2. everything else with the classifier frozen;
         3. everything end to end.
 
@@ -284,41 +284,55 @@ class CAPVI(BaseModel, CellTypePredictor):
         ``train_size`` / rest with ``seed`` unless ``train_indices`` / ``validation_indices`` are given;
         the validation cells measure each stage's loss. Stages 2 and 3 ignore the labels unless
         ``use_labels``. ``stages`` runs a subset (e.g. ``(2, 3)`` to continue). ``history`` gains a
-        ``stage`` column.
+        ``stage`` column. ``checkpoint_every`` / ``checkpoint_path`` (a directory) checkpoint the plan;
+        ``resume=`` that directory continues it, interrupted in any stage, to the model an uninterrupted
+        run reaches.
         """
         epochs = _per_stage(max_epochs, "max_epochs")
         stopping = _per_stage(early_stopping, "early_stopping")
+        if any(stage not in (1, 2, 3) for stage in stages):
+            raise ValueError(f"stages are 1, 2 and 3, got {tuple(stages)}")
         if train_indices is None:
             train_indices, split_val = split_indices(self.setup.n_obs, train_size=train_size, seed=seed or 0)
             validation_indices = split_val if validation_indices is None else validation_indices
         train_indices = np.asarray(train_indices, dtype=np.int64)
         validation_indices = np.zeros(0, np.int64) if validation_indices is None else np.asarray(validation_indices)
-        labelled_n = self.setup.label_codes_n >= 0
-        self._build_under_seed(seed)  # before the stages set the module's objective
+        self._build_under_seed(seed)
+        plan = TrainingPlan(checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume)
+        options = {**self._train_defaults(), **fit_kwargs, "patience": patience, "seed": seed}
         for stage in stages:
-            if stage not in (1, 2, 3):
-                raise ValueError(f"stages are 1, 2 and 3, got {stage}")
-            module = self.module
-            if stage == 1:
-                idx_train, idx_val = train_indices[labelled_n[train_indices]], validation_indices[labelled_n[validation_indices]]
-                if len(idx_train) == 0:
-                    raise DataError("no labelled training cells for the classifier (stage 1)")
-            else:
-                idx_train, idx_val = train_indices, validation_indices
-            module.stage, module.use_labels = stage, use_labels and stage > 1
-            before = 0 if self.history is None else len(self.history)
-            try:
-                BaseModel.train(
-                    self, max_epochs=epochs[stage - 1], train_indices=idx_train, validation_indices=idx_val,
-                    early_stopping=stopping[stage - 1], patience=patience,
-                    parameters=list(module.classifier.parameters()) if stage == 1 else None,
-                    frozen=[module.classifier] if stage == 2 else [], seed=seed, **fit_kwargs,
-                )
-            finally:
-                self.module.stage = 3
-            self.history.loc[before:, "stage"] = stage
-        self.module.use_labels = use_labels
+            stage_options = {
+                **options, **self._stage(stage, train_indices, validation_indices, use_labels),
+                "max_epochs": epochs[stage - 1], "early_stopping": stopping[stage - 1],
+            }
+            history = plan.run(
+                f"stage{stage}", lambda **checkpointing: self._run_fit(**stage_options, **checkpointing),
+                state=lambda: {"module": self.module.state_dict()},
+                load=lambda saved: self.module.load_state_dict(saved["module"]),
+            )
+            self._append_history(history.assign(stage=stage))
         return self.history
+
+    def _stage(self, stage: int, train_n: np.ndarray, validation_n: np.ndarray, use_labels: bool) -> dict:
+        """What ``fit`` trains in ``stage``: its model and guide, cells, parameters and frozen modules."""
+        module = self.module
+        if stage == 1:
+            labelled_n = self.setup.label_codes_n >= 0
+            if not labelled_n[train_n].any():
+                raise DataError("no labelled training cells for the classifier (stage 1)")
+            return {
+                "model": module.classifier_model, "guide": _no_latent_sites, "elbo": Trace_ELBO(max_plate_nesting=1),
+                "extra_loss": None, "parameters": list(module.classifier.parameters()),
+                "train_indices": train_n[labelled_n[train_n]], "validation_indices": validation_n[labelled_n[validation_n]],
+            }
+        labelled_pair = {  # without labels: the method's own pair (a guide set by set_guide included)
+            "model": lambda mb: module.model(mb, use_labels=True), "guide": lambda mb: module.guide(mb, use_labels=True),
+        } if use_labels else {}
+        return {
+            **labelled_pair,
+            "extra_loss": self._extra_loss(use_labels), "frozen": [module.classifier] if stage == 2 else [],
+            "train_indices": train_n, "validation_indices": validation_n,
+        }
 
     # ------------------------------------------------------------------------------------- queries
     def predict(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> pd.DataFrame:
@@ -349,3 +363,7 @@ def _per_stage(value, name: str) -> list:
     if len(values) != 3:
         raise ValueError(f"{name} takes one value or three (one per stage), got {value!r}")
     return values
+
+
+def _no_latent_sites(mb: Minibatch) -> None:
+    """The guide of a model without latent sites (stage 1's classifier objective)."""
