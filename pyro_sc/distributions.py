@@ -56,7 +56,9 @@ gathered from the un-expanded parameters and scattered into the result.
 cancellation error (about 1e-10 relative) disappears in the rounding of the float32 result, at a
 fraction of the operations. Theta is cast once, so the large opposite terms of its gradient also meet
 in float64. When most counts are nonzero (marker panels), every entry is evaluated densely instead of
-gathering the nonzeros.
+gathering the nonzeros. Otherwise (the usual sparse counts) value and closed-form gradients come from one
+fused pass; a backward with ``create_graph=True`` (Hessians, e.g. Laplace approximations) recomputes
+those gradients with differentiable operations, so second derivatives are exact too.
 
 **Zero-inflated negative binomial.** With :math:`\pi = \sigma(\eta)` the probability of an extra zero
 (``zi_logits`` :math:`= \eta`), :math:`\log\pi = -\operatorname{softplus}(-\eta)` and
@@ -257,68 +259,88 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dims, keepdim=True) if dims else grad
 
 
-class _FusedLogProb(torch.autograd.Function):
-    """log NB (or ZINB) of float32 parameters, with the gradients in closed form from the forward pass.
+def _fused_terms(
+    value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log NB (or ZINB) of float32 parameters and its gradients in closed form, on the broadcast shape.
 
-    Same values as the lgamma fast path (zero term dense in float32, nonzero counts gathered and
-    evaluated in float64), but one pass: autograd's backward is a product per input. With
-    l = log mu - log theta, p = sigmoid(l):
+    Zero term dense in float32, nonzero counts gathered and evaluated in float64 (as the lgamma fast
+    path). With l = log mu - log theta, p = sigmoid(l):
 
     * d log NB / d mu = (x (1 - p) - theta p) / mu,
     * d log NB / d theta = digamma(x + theta) - digamma(theta) - softplus(l) + p - x / (theta + mu),
     * at a zero of the ZINB, with w the posterior weight of the NB component, the NB gradients are
       scaled by w and d / d zi_logits = sigmoid(-zi_logits) - w; at a nonzero, -sigmoid(zi_logits).
 
-    No second derivatives.
+    Every operation is a differentiable torch op (the in-place writes go into fresh tensors that no
+    backward formula reads), so with grad mode on the gradients returned carry their own graph.
+    """
+    shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *([] if zi_logits is None else [zi_logits.shape]))
+    logits = mu.log() - theta.log()
+    softplus = F.softplus(logits)
+    p = torch.sigmoid(logits)
+    out = (-theta * softplus).expand(shape).contiguous()  # log NB(0)
+    g_mu = (p - 1).expand(shape).contiguous()
+    g_theta = (p - softplus).expand(shape).contiguous()
+    g_zi = None
+    if zi_logits is not None:
+        log_nb_weight = F.logsigmoid(-zi_logits) + out
+        log_zero = torch.logaddexp(F.logsigmoid(zi_logits), log_nb_weight)
+        w_nb = (log_nb_weight - log_zero).exp()
+        g_zi = (torch.sigmoid(-zi_logits) - w_nb).expand(shape).contiguous()
+        out, g_mu, g_theta = log_zero.expand(shape).contiguous(), g_mu * w_nb, g_theta * w_nb
+
+    nonzeros = _Nonzeros(value, shape)
+    if len(nonzeros):
+        theta64 = theta.double()
+        if theta.numel() < len(nonzeros):  # per-gene theta: its own terms once, then gathered
+            lgamma_t, digamma_t = nonzeros.gather(torch.lgamma(theta64)), nonzeros.gather(torch.digamma(theta64))
+            t = nonzeros.gather(theta64)
+        else:
+            t = nonzeros.gather(theta64)
+            lgamma_t, digamma_t = torch.lgamma(t), torch.digamma(t)
+        x, m = nonzeros.gather(value).double(), nonzeros.gather(mu).double()
+        l = m.log() - t.log()
+        sp, pp = F.softplus(l), torch.sigmoid(l)
+        nb = torch.lgamma(x + t) - lgamma_t - torch.lgamma(x + 1) - t * sp - x * F.softplus(-l)
+        gm = (x * (1 - pp) - t * pp) / m
+        gt = torch.digamma(x + t) - digamma_t - sp + pp - x / (t + m)
+        flat = nonzeros.flat
+        if zi_logits is not None:
+            z = nonzeros.gather(zi_logits)
+            nb = nb + F.logsigmoid(-z.double())
+            g_zi.view(-1).index_put_((flat,), -torch.sigmoid(z))
+        out.view(-1).index_put_((flat,), nb.to(out.dtype))
+        g_mu.view(-1).index_put_((flat,), gm.to(out.dtype))
+        g_theta.view(-1).index_put_((flat,), gt.to(out.dtype))
+    return out, g_mu, g_theta, g_zi
+
+
+class _FusedLogProb(torch.autograd.Function):
+    """log NB (or ZINB) of float32 parameters, with the gradients in closed form from the forward pass.
+
+    Same values as the lgamma fast path, but one pass: autograd's backward is a product per input (see
+    :func:`_fused_terms` for the formulas).
+
+    Second derivatives: a backward that must itself be differentiable (``create_graph=True``, as in
+    Hessians, e.g. ``AutoLaplaceApproximation``, or gradient penalties; autograd then runs it with grad
+    mode on) recomputes the gradients with :func:`_fused_terms` from the saved inputs, so that they carry
+    a graph back to mu, theta and zi_logits. A first-order backward (training) only reads the saved
+    gradients; the inputs are saved by reference, not copied.
     """
 
     @staticmethod
     def forward(ctx, value, mu, theta, zi_logits):
-        shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *([] if zi_logits is None else [zi_logits.shape]))
         ctx.shapes = (mu.shape, theta.shape, None if zi_logits is None else zi_logits.shape)
-        logits = mu.log() - theta.log()
-        softplus = F.softplus(logits)
-        p = torch.sigmoid(logits)
-        out = (-theta * softplus).expand(shape).contiguous()  # log NB(0)
-        g_mu = (p - 1).expand(shape).contiguous()
-        g_theta = (p - softplus).expand(shape).contiguous()
-        g_zi = None
-        if zi_logits is not None:
-            log_nb_weight = F.logsigmoid(-zi_logits) + out
-            log_zero = torch.logaddexp(F.logsigmoid(zi_logits), log_nb_weight)
-            w_nb = (log_nb_weight - log_zero).exp()
-            g_zi = (torch.sigmoid(-zi_logits) - w_nb).expand(shape).contiguous()
-            out, g_mu, g_theta = log_zero.expand(shape).contiguous(), g_mu * w_nb, g_theta * w_nb
-
-        nonzeros = _Nonzeros(value, shape)
-        if len(nonzeros):
-            theta64 = theta.double()
-            if theta.numel() < len(nonzeros):  # per-gene theta: its own terms once, then gathered
-                lgamma_t, digamma_t = nonzeros.gather(torch.lgamma(theta64)), nonzeros.gather(torch.digamma(theta64))
-                t = nonzeros.gather(theta64)
-            else:
-                t = nonzeros.gather(theta64)
-                lgamma_t, digamma_t = torch.lgamma(t), torch.digamma(t)
-            x, m = nonzeros.gather(value).double(), nonzeros.gather(mu).double()
-            l = m.log() - t.log()
-            sp, pp = F.softplus(l), torch.sigmoid(l)
-            nb = torch.lgamma(x + t) - lgamma_t - torch.lgamma(x + 1) - t * sp - x * F.softplus(-l)
-            gm = (x * (1 - pp) - t * pp) / m
-            gt = torch.digamma(x + t) - digamma_t - sp + pp - x / (t + m)
-            flat = nonzeros.flat
-            if zi_logits is not None:
-                z = nonzeros.gather(zi_logits)
-                nb = nb + F.logsigmoid(-z.double())
-                g_zi.view(-1).index_put_((flat,), -torch.sigmoid(z))
-            out.view(-1).index_put_((flat,), nb.to(out.dtype))
-            g_mu.view(-1).index_put_((flat,), gm.to(out.dtype))
-            g_theta.view(-1).index_put_((flat,), gt.to(out.dtype))
-        ctx.save_for_backward(g_mu, g_theta, g_zi)
+        out, g_mu, g_theta, g_zi = _fused_terms(value, mu, theta, zi_logits)
+        ctx.save_for_backward(g_mu, g_theta, g_zi, value, mu, theta, zi_logits)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        g_mu, g_theta, g_zi = ctx.saved_tensors
+        g_mu, g_theta, g_zi, value, mu, theta, zi_logits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: gradients as differentiable functions of the inputs
+            _, g_mu, g_theta, g_zi = _fused_terms(value, mu, theta, zi_logits)
         mu_shape, theta_shape, zi_shape = ctx.shapes
         grads = [None, _sum_to(grad_out * g_mu, mu_shape), _sum_to(grad_out * g_theta, theta_shape)]
         grads.append(None if zi_shape is None else _sum_to(grad_out * g_zi, zi_shape))
@@ -326,7 +348,8 @@ class _FusedLogProb(torch.autograd.Function):
 
 
 def _use_fused(*params: torch.Tensor) -> bool:
-    """The fused float32 path, unless second derivatives could be needed (float64 keeps autograd)."""
+    """The fused float32 path (first and second derivatives, see :class:`_FusedLogProb`), for float32
+    parameters outside ``torch.jit.trace``; float64 keeps the saddle-point form under plain autograd."""
     return all(p.dtype == torch.float32 for p in params) and not torch.jit.is_tracing()
 
 
