@@ -275,7 +275,8 @@ def _fused_terms(
     Every operation is a differentiable torch op (the in-place writes go into fresh tensors that no
     backward formula reads), so with grad mode on the gradients returned carry their own graph.
     """
-    shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *([] if zi_logits is None else [zi_logits.shape]))
+    zi_shape = [] if zi_logits is None else [zi_logits.shape]
+    shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *zi_shape)
     logits = mu.log() - theta.log()
     softplus = F.softplus(logits)
     p = torch.sigmoid(logits)
@@ -294,7 +295,8 @@ def _fused_terms(
     if len(nonzeros):
         theta64 = theta.double()
         if theta.numel() < len(nonzeros):  # per-gene theta: its own terms once, then gathered
-            lgamma_t, digamma_t = nonzeros.gather(torch.lgamma(theta64)), nonzeros.gather(torch.digamma(theta64))
+            lgamma_t = nonzeros.gather(torch.lgamma(theta64))
+            digamma_t = nonzeros.gather(torch.digamma(theta64))
             t = nonzeros.gather(theta64)
         else:
             t = nonzeros.gather(theta64)
