@@ -1,5 +1,9 @@
 """Tests of pyro_sc.distributions: accuracy against float64 / arbitrary-precision references, gradients,
-moments of the samplers, shapes under broadcasting, expand, plates and enumeration, and validation."""
+moments of the samplers, shapes under broadcasting, expand, plates and enumeration, and validation.
+
+The grids here are mostly nonzero, so float32 parameters take the dense lgamma path; the fused float32
+path of sparse counts (what training takes), with its second derivatives, is tested in
+test_distributions_float32.py."""
 
 import itertools
 import math
