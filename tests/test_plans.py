@@ -152,3 +152,72 @@ def test_plan_without_checkpoints_writes_nothing(cellassign_data, tmp_path, monk
         warnings.simplefilter("error")  # no warning on the way either
         pyro_sc.CellAssign(*cellassign_data).train(max_epochs=3, num_restarts=2, screen_epochs=1, batch_size=64)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- one-run methods resume too
+@pytest.fixture(scope="module")
+def scanvi_data():
+    adata = datasets.simulate_scvi(300, 60, n_latent=3, n_types=3, n_batches=2, seed=3)
+    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[np.random.default_rng(0).random(adata.n_obs) < 0.7] = "Unknown"  # 30 % labelled: > batch_size
+    adata.obs["seed_labels"] = labels
+    return adata
+
+
+def scanvi(adata):
+    return pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", batch_key="batch",
+                          n_latent=3, n_hidden=16)
+
+
+SSV = dict(max_epochs=6, batch_size=32, seed=4, progress_bar=False)
+
+
+def test_scanvi_resumes_bit_for_bit_and_its_labelled_draws_follow_the_seed(scanvi_data, tmp_path):
+    uninterrupted = scanvi(scanvi_data)
+    uninterrupted.train(**SSV)
+    interrupted = scanvi(scanvi_data)
+    with pytest.raises(Interrupt):
+        interrupted.train(checkpoint_every=1, checkpoint_path=tmp_path, callbacks=[interrupt_after(4)], **SSV)
+    resumed = scanvi(scanvi_data)
+    resumed.train(resume=tmp_path, checkpoint_every=1, checkpoint_path=tmp_path, **SSV)
+    assert_same_model(resumed, uninterrupted)
+    # the labelled cells of the classification term are drawn under the seed: same seed, same run ...
+    again = scanvi(scanvi_data)
+    again.train(**SSV)
+    assert_same_model(again, uninterrupted)
+    # ... and the labelled cells drawn for the classification term follow torch's generator (which fit seeds)
+    model = scanvi(scanvi_data)
+    model.module.eval()  # no dropout: the draw of cells is the only randomness
+    model._labelled_batch_size = 16  # of about 90 labelled cells (train() sets it to its batch_size)
+    term, mb = model._extra_loss(), model.setup.minibatch(np.arange(10))
+    losses = []
+    for seed in (4, 4, 5):
+        torch.manual_seed(seed)
+        losses.append(float(term(mb)))
+    assert losses[0] == losses[1] != losses[2]
+
+
+def test_etm_resumes_bit_for_bit(tmp_path):
+    adata = datasets.simulate_scvi(200, 80, n_latent=3, n_types=3, n_batches=1, seed=5)
+    options = dict(max_epochs=6, batch_size=50, seed=1, progress_bar=False)
+    uninterrupted = pyro_sc.ETM(adata, n_topics=4)
+    uninterrupted.train(**options)
+    interrupted = pyro_sc.ETM(adata, n_topics=4)
+    with pytest.raises(Interrupt):
+        interrupted.train(checkpoint_every=2, checkpoint_path=tmp_path, callbacks=[interrupt_after(5)], **options)
+    resumed = pyro_sc.ETM(adata, n_topics=4)
+    resumed.train(resume=tmp_path, checkpoint_every=2, checkpoint_path=tmp_path, **options)
+    assert_same_model(resumed, uninterrupted)
+
+
+def test_save_and_load_keep_the_methods_own_attributes(cellassign_uninterrupted, scanvi_data, tmp_path):
+    cellassign_uninterrupted.save(tmp_path / "ca.pt")
+    loaded = pyro_sc.CellAssign.load(tmp_path / "ca.pt", cellassign_uninterrupted.adata)
+    assert loaded.restart_losses == cellassign_uninterrupted.restart_losses
+    scvi = pyro_sc.SCVI(scanvi_data, batch_key="batch", n_latent=3, n_hidden=16)
+    scvi.train(max_epochs=1, batch_size=32, progress_bar=False)
+    ssv = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    ssv.train(max_epochs=1, batch_size=32, progress_bar=False)
+    ssv.save(tmp_path / "ssv.pt")
+    assert pyro_sc.SCANVI.load(tmp_path / "ssv.pt", scanvi_data).pretrained is True
+    assert pyro_sc.SCANVI.load(tmp_path / "ssv.pt", scanvi_data)._labelled_batch_size == 128

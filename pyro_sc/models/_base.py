@@ -46,7 +46,8 @@ from ..metrics import marginal_log_likelihood
 
 __all__ = ["BaseModel", "SAVE_FORMAT"]
 
-SAVE_FORMAT = 1  # the layout of the files save() writes; bumped whenever it changes (0: before versioning)
+SAVE_FORMAT = 2  # the layout of the files save() writes; bumped whenever it changes (0: before versioning;
+# 2: the method's own attributes, e.g. CellAssign's restart_losses, SCANVI's pretrained, under "attributes")
 
 
 class BaseModel:
@@ -69,6 +70,7 @@ class BaseModel:
         self._autoguide_spec: tuple[type, list[str], dict] | None = None
         self._guide_initial_state: dict | None = None
         self._latent_sites: dict[str, bool] | None = None  # the method guide's latent sites -> discrete?
+        self._init_attributes()
 
     # ----------------------------------------------------------------------- for subclasses to write
     @classmethod
@@ -85,6 +87,13 @@ class BaseModel:
         return None
 
     def _train_defaults(self) -> dict:
+        return {}
+
+    def _init_attributes(self) -> None:
+        """Set the method's own attributes beside its parameters (the same for a new and a loaded model)."""
+
+    def _saved_attributes(self) -> dict:
+        """The attributes :meth:`save` writes and :meth:`load` puts back (plain values)."""
         return {}
 
     def _marginal_ll_pair(self) -> tuple[Callable, Callable]:
@@ -420,6 +429,7 @@ class BaseModel:
                 "state_dict": {k: v.cpu() for k, v in self.module.state_dict().items()},
                 "history": None if self.history is None else self.history.to_dict(orient="list"),
                 "guide": guide,
+                "attributes": self._saved_attributes(),
             },
             path,
         )
@@ -474,6 +484,8 @@ class BaseModel:
         obj._load_guide(path, saved.get("guide"), guide)
         obj.module.eval()
         obj.history = None if saved["history"] is None else pd.DataFrame(saved["history"])
+        for name, value in saved.get("attributes", {}).items():  # format 1 files have none: the defaults
+            setattr(obj, name, value)
         return obj
 
     def _load_guide(self, path, saved: dict | None, guide: Callable | type | None) -> None:

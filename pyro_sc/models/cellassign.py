@@ -5,7 +5,7 @@ For cell :math:`n` with size factor :math:`s_n` and covariates :math:`D_n` (a de
 
 .. math::
 
-    \pi &\sim \mathrm{Dirichlet}(\alpha = 0.01) \\
+    \pi &\sim \mathrm{Dirichlet}(\alpha = 0.01)\ \text{(density evaluated at}\ \pi + 10^{-20}\text{, as the original)} \\
     \delta_{gc} &\sim \mathrm{LogNormal}(m, \sigma^2)\ \text{truncated to}\ [\delta_{\min}, \infty)
         \quad\text{for each}\ \rho_{gc} = 1 \\
     z_n &\sim \mathrm{Categorical}(\pi) \\
@@ -54,7 +54,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ..data import AnnDataSetup, DataError, Minibatch, _chunks, split_indices
-from ..infer import TrainingPlan, fit
+from ..infer import TrainingPlan
 from ..distributions import NegativeBinomial
 from ._base import BaseModel, CellTypePredictor
 
@@ -101,6 +101,31 @@ class TruncatedLogNormal(dist.TorchDistribution):
         super(TruncatedLogNormal, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
+
+
+class FlooredDirichlet(dist.Dirichlet):
+    """A Dirichlet whose log density is evaluated at ``value + floor``, as the original CellAssign evaluates
+    its prior on the type proportions (``THETA_LOWER_BOUND = 1e-20``).
+
+    With a concentration below one the density grows without bound as a proportion goes to zero: when a
+    type of the marker matrix is absent from the data (common: panels list more types than a sample
+    holds), the MAP objective would be unbounded, the type's logit running off to non-finite gradients.
+    At ``value + floor`` the reward stops near ``floor`` and so does the logit; present types are
+    unaffected (their proportions are many orders of magnitude above the floor).
+    """
+
+    def __init__(self, concentration: torch.Tensor, floor: float = 1e-20, validate_args=None):
+        super().__init__(concentration, validate_args=validate_args)
+        self.floor = floor
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FlooredDirichlet, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new.floor = self.floor
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return super().log_prob(value + self.floor)
 
 
 class CellAssignModule(PyroModule):
@@ -188,7 +213,7 @@ class CellAssignModule(PyroModule):
 
     # --------------------------------------------------------------------------------- model, guide
     def model(self, mb: Minibatch):
-        pi_c = pyro.sample("pi", dist.Dirichlet(self.alpha_c))
+        pi_c = pyro.sample("pi", FlooredDirichlet(self.alpha_c))
         delta_scale = self.delta_log_scale_raw.exp()
         delta_m = pyro.sample(
             "delta",
@@ -460,7 +485,13 @@ class CellAssign(BaseModel, CellTypePredictor):
         return self.history
 
     def _fit(self, **options) -> pd.DataFrame:
-        return fit(self.model, self.guide, self.setup, modules=self._modules(), elbo=self._elbo(), **options)
+        return self._run_fit(**options)
+
+    def _init_attributes(self) -> None:
+        self.restart_losses: list[float] | None = None  # each restart's best validation loss; saved
+
+    def _saved_attributes(self) -> dict:
+        return {"restart_losses": self.restart_losses}
 
     # --------------------------------------------------------------------------------------- queries
     @property

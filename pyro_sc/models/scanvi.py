@@ -241,7 +241,6 @@ class SCANVI(SCVI, CellTypePredictor):
             encode_covariates=encode_covariates, classification_ratio=classification_ratio,
             class_weights=class_weights, label_prior=label_prior,
         )
-        self.pretrained = False  # set by from_scvi: shortens the default training
 
     @classmethod
     def _make_module(cls, setup: AnnDataSetup, **kwargs) -> SCANVIModule:
@@ -306,6 +305,13 @@ class SCANVI(SCVI, CellTypePredictor):
         model.pretrained = True
         return model
 
+    def _init_attributes(self) -> None:
+        self.pretrained = False  # set by from_scvi_model: shortens the default training; saved
+        self._labelled_batch_size = 128  # the classification term's labelled cells per step (train's batch_size)
+
+    def _saved_attributes(self) -> dict:
+        return {"pretrained": self.pretrained}
+
     def _elbo(self) -> ELBO:
         return TraceEnum_ELBO(max_plate_nesting=self.module.max_plate_nesting, strict_enumeration_warning=False)
 
@@ -316,11 +322,13 @@ class SCANVI(SCVI, CellTypePredictor):
         if self.module.class_weights == "balanced":
             counts = np.bincount(codes, minlength=self.setup.n_labels).astype(np.float32)
             weight_c = torch.as_tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0))
-        rng = np.random.default_rng(0)
-        batch_size = getattr(self, "_labelled_batch_size", 128)
+        batch_size = self._labelled_batch_size
 
         def classification_loss(mb: Minibatch) -> torch.Tensor:
-            idx = labelled if len(labelled) <= batch_size else rng.choice(labelled, batch_size, replace=False)
+            # drawn from torch's generator, which fit seeds and checkpoints: seeded runs differ by seed and
+            # a resumed run draws what the uninterrupted one would have
+            chosen = torch.randperm(len(labelled))[:batch_size].numpy() if len(labelled) > batch_size else slice(None)
+            idx = labelled[chosen]
             if len(idx) < 2:  # batch normalisation needs two cells
                 idx = np.repeat(idx, 2)
             lab = self.setup.minibatch(np.sort(idx), device=mb.x_ng.device)
@@ -351,7 +359,7 @@ class SCANVI(SCVI, CellTypePredictor):
         n_obs = self.setup.n_obs
         if max_epochs is None:
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
-            if getattr(self, "pretrained", False):
+            if self.pretrained:
                 max_epochs = max(20, round(2 * max_epochs / 3))
         train_size = fit_kwargs.get("train_size", 0.9)
         warmup = self._kl_warmup_steps(n_epochs_kl_warmup, batch_size, train_size, fit_kwargs.get("train_indices"))

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import anndata
+import scipy.sparse as sp
 import scipy.stats
 import torch
 from pyro import poutine
@@ -164,3 +166,37 @@ def test_cellbench_accuracy_with_the_papers_markers(marker_set, target, real_dat
     model.train(seed=0)
     accuracy = metrics.accuracy(adata.obs["cell_line_demuxlet"].astype(str), model.predict_labels())
     assert accuracy >= target, accuracy
+
+
+def test_a_type_absent_from_the_data_leaves_the_objective_bounded():
+    """Dirichlet(0.01) on pi rewards a proportion going to zero without bound; evaluated at pi + 1e-20, as
+    the original CellAssign does, the reward stops there, and with it the absent type's logit."""
+    from pyro_sc.models.cellassign import FlooredDirichlet
+
+    alpha = torch.full((3,), 0.01)
+    at = [torch.tensor([0.6, 0.4 - p, p]) for p in (1e-30, 1e-40)]
+    floored = [float(FlooredDirichlet(alpha).log_prob(v)) for v in at]
+    plain = [float(torch.distributions.Dirichlet(alpha).log_prob(v)) for v in at]
+    assert plain[1] - plain[0] == pytest.approx(0.99 * math.log(1e10), rel=1e-3)  # unbounded: +22.8 per decade x10
+    assert abs(floored[1] - floored[0]) < 1e-5
+    assert floored[0] == pytest.approx(float(torch.distributions.Dirichlet(alpha).log_prob(at[0] + 1e-20)), rel=1e-6)
+    # the gradient that drives an absent type's logit down vanishes once its proportion is below the floor
+    logits = torch.tensor([5.0, 5.0, -60.0], requires_grad=True)
+    FlooredDirichlet(alpha).log_prob(torch.softmax(logits, -1)).backward()
+    assert abs(float(logits.grad[2])) < 1e-6
+    assert FlooredDirichlet(alpha).expand([2]).floor == 1e-20
+
+
+def test_a_type_absent_from_the_data_trains_to_the_end_and_the_present_ones_are_found():
+    adata, markers, _ = datasets.simulate_cellassign(300, n_other_genes=20, seed=1)
+    absent = [f"absent_marker_{i}" for i in range(4)]
+    markers = pd.concat([markers.assign(absent=0), pd.DataFrame(0, index=absent, columns=[*markers.columns, "absent"])])
+    markers.loc[absent, "absent"] = 1
+    counts = sp.hstack([adata.X, sp.csr_matrix((adata.n_obs, len(absent)), dtype=np.float32)]).tocsr()
+    adata = anndata.AnnData(counts, obs=adata.obs, var=pd.DataFrame(index=[*adata.var_names, *absent]))
+    model = pyro_sc.CellAssign(adata, markers, size_factor_key="size_factor")
+    history = model.train(max_epochs=400, num_restarts=1, early_stopping=False, lr=0.5, seed=0)
+    assert len(history) == 400 and np.isfinite(history["train_loss"]).all()
+    pi = model.module.map_pi().detach()
+    assert 1e-30 < float(pi[-1]) < 1e-15, float(pi[-1])  # gone, but bounded away from zero (as the original)
+    assert (model.predict_labels().to_numpy() == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.97
