@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -65,9 +65,6 @@ class Minibatch:
     cont_covs_nk: torch.Tensor | None = None
     kl_weight: float = 1.0  # KL annealing weight set by the driver (1 outside warm-up)
     extra: dict = field(default_factory=dict)  # method-specific tensors (e.g. a design matrix)
-
-    def with_kl_weight(self, kl_weight: float) -> "Minibatch":
-        return replace(self, kl_weight=kl_weight)
 
     def __len__(self) -> int:
         return int(self.idx_n.shape[0])
@@ -587,15 +584,16 @@ class AnnDataSetup:
 def split_indices(
     n_obs: int, *, train_size: float = 0.9, validation_size: float | None = None, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle ``range(n_obs)`` with ``seed`` and split it into train and validation indices."""
+    """Shuffle ``range(n_obs)`` with ``seed`` and split it into train and validation indices: ``ceil(train_size
+    * n_obs)`` training cells and ``round(validation_size * n_obs)`` of the rest (default: all the rest) for
+    validation; cells in neither are left out."""
     if not 0 < train_size <= 1:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}")
     validation_size = 1 - train_size if validation_size is None else validation_size
     if validation_size < 0 or train_size + validation_size > 1 + 1e-9:
         raise ValueError(f"train_size + validation_size must be <= 1, got {train_size} + {validation_size}")
     perm = np.random.default_rng(seed).permutation(n_obs)
-    n_train = int(np.ceil(train_size * n_obs)) if validation_size > 0 else n_obs
-    n_train = min(n_train, n_obs)
+    n_train = min(int(np.ceil(train_size * n_obs)), n_obs)
     n_val = min(int(round(validation_size * n_obs)), n_obs - n_train)
     return np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_val])
 

@@ -189,10 +189,10 @@ BAD_INPUTS = [
     ("model loaded with the wrong class", lambda e: pyro_sc.CellAssign.load(e.tmp / "scvi.pt", e.adata),
      TypeError, r"scvi\.pt holds a 'SCVI' model, not a CellAssign$"),
     ("file from a newer file format",
-     lambda e: pyro_sc.SCVI.load(tampered(e.tmp / "scvi.pt", e.tmp, format_version=2, pyro_sc_version="9.0"),
+     lambda e: pyro_sc.SCVI.load(tampered(e.tmp / "scvi.pt", e.tmp, format_version=3, pyro_sc_version="9.0"),
                                  e.adata),
-     ValueError, r"was written by pyro_sc 9\.0 in file format 2; this pyro_sc \(0\.1\.0\) reads formats up to "
-                 r"1: upgrade pyro_sc to load it$"),
+     ValueError, r"was written by pyro_sc 9\.0 in file format 3; this pyro_sc \(0\.1\.0\) reads formats up to "
+                 r"2: upgrade pyro_sc to load it$"),
     ("parameters that no longer fit",
      lambda e: pyro_sc.SCVI.load(tampered(e.tmp / "scvi.pt", e.tmp, state_dict={}), e.adata),
      ValueError, r"(?s)^the parameters in .* \(pyro_sc 0\.1\.0\) do not fit this version's SCVI: .*Missing key"),

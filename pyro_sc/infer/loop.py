@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
@@ -205,7 +205,7 @@ def fit(
             pyro.set_rng_seed(own_seed)
         warmup = kl_warmup_steps or warmup_steps(kl_warmup_epochs, len(train_indices), batch_size)
         step = GuardedStep(model, guide, elbo, params, modules, optimizer, extra_loss=extra_loss,
-                           clip_norm=clip_norm, replicas=replicas)
+                           clip_norm=clip_norm, replicas=replicas, n_train=len(train_indices))
         guard = _NonFiniteGuard(on_nonfinite, lr_reduction_factor, max_lr_reductions)
         validate = _validator(model, guide, data, replicas.split(validation_indices), elbo, modules,
                               validation_batch_size, device, replicas)
@@ -311,6 +311,15 @@ def _split(n_obs: int, train_size: float, train_indices, validation_indices, see
     )
     if len(train_indices) == 0:
         raise ValueError("no cells to train on")
+    for name, idx in [("train_indices", train_indices), ("validation_indices", validation_indices)]:
+        if len(idx) and (idx.min() < 0 or idx.max() >= n_obs):
+            raise ValueError(f"{name} must lie in [0, {n_obs}) (the registered cells)")
+    shared = np.intersect1d(train_indices, validation_indices)
+    if len(shared):
+        raise ValueError(
+            f"{len(shared)} cells are both training and validation cells (e.g. cell {shared[0]}): a validation "
+            "loss must be measured on cells the model does not train on"
+        )
     return train_indices, validation_indices
 
 
@@ -336,7 +345,7 @@ def _train_epoch(step_fn: GuardedStep, data, train_indices, batch_size, rng, rep
         for batch_step, ((idx, weight), mb) in enumerate(zip(shares, minibatches), 1):
             done.step += 1
             done.kl_weight = kl_weight(done.step, warmup)
-            out = step_fn(mb.with_kl_weight(done.kl_weight), weight)
+            out = step_fn(replace(mb, kl_weight=done.kl_weight), weight)
             if isinstance(out, str):
                 done.fault = f"{out} at epoch {epoch}, step {batch_step} (global step {done.step})"
                 return done

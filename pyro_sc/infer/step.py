@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.infer import ELBO
 
 from ..data import Minibatch
@@ -83,11 +84,30 @@ def restore(
         optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
 
 
-class GuardedStep:
-    """``step(mb, weight)``: one optimiser step on minibatch ``mb``; returns ``(loss, extra)`` per cell,
-    or the fault (a string) when the loss or the gradients are not finite, in which case nothing moved.
+class CellsStandFor(Messenger):
+    """Scales every site inside the ``cells`` plate by ``factor``.
 
-    ``weight`` is this process's share of the minibatch, for averaging gradients over processes.
+    The plate's size is the number of registered cells (per-cell parameters, e.g. an ``AutoNormal``'s,
+    are indexed by position among them), so Pyro scales a minibatch to all of them, validation cells
+    included. With ``factor = n_train / n_obs`` the local terms stand for the training cells alone,
+    and global priors (e.g. CellAssign's on pi and delta) keep their weight against the cells trained on.
+    """
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def _process_message(self, msg):
+        if any(frame.name == "cells" for frame in msg["cond_indep_stack"]):
+            msg["scale"] = msg["scale"] * self.factor
+
+
+class GuardedStep:
+    """``step(mb, weight)``: one optimiser step on minibatch ``mb``; returns ``(loss, extra)`` per training
+    cell, or the fault (a string) when the loss or the gradients are not finite, in which case nothing moved.
+
+    ``weight`` is this process's share of the minibatch, for averaging gradients over processes. The ELBO
+    is that of the ``n_train`` training cells (see :class:`CellsStandFor`).
     """
 
     def __init__(
@@ -102,14 +122,19 @@ class GuardedStep:
         extra_loss: Callable[[Minibatch], torch.Tensor] | None,
         clip_norm: float | None,
         replicas,
+        n_train: int,
     ):
-        self.model, self.guide, self.elbo = model, guide, elbo
+        self.model, self.guide, self.elbo, self.n_train = model, guide, elbo, n_train
         self.params, self.modules, self.optimizer = params, modules, optimizer
         self.extra_loss, self.clip_norm, self.replicas = extra_loss, clip_norm, replicas
 
     def __call__(self, mb: Minibatch, weight: float) -> tuple[float, float] | str:
         saved_buffers = [b.clone() for b in buffers(self.modules)]
-        loss = self.elbo.differentiable_loss(self.model, self.guide, mb) / mb.n_obs
+        if self.n_train == mb.n_obs:  # every registered cell trains: nothing to rescale
+            loss = self.elbo.differentiable_loss(self.model, self.guide, mb) / mb.n_obs
+        else:
+            cells = CellsStandFor(self.n_train / mb.n_obs)
+            loss = self.elbo.differentiable_loss(cells(self.model), cells(self.guide), mb) / self.n_train
         extra = self.extra_loss(mb) if self.extra_loss is not None else None
         total = loss if extra is None else loss + extra
         fault = None if torch.isfinite(total) else f"the loss became {total.item()}"

@@ -136,8 +136,8 @@ class CAPVIModule(SCVIModule):
             )
             with poutine.scale(scale=mb.kl_weight):
                 z_nk = pyro.sample("z", dist.Normal(self.mu_ck[c_n], self.sigma).to_event(1))
-                scale_n = self.library_log_var_b[batch_n].sqrt()
-                l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
+            scale_n = self.library_log_var_b[batch_n].sqrt()  # the library's KL is not annealed (as scVI's)
+            l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
             rho_ng, zi_logits_ng = self.decode(z_nk, batch_n)  # (C, cells, genes) for enumerated c
             mu_ng = l_n.unsqueeze(-1) * rho_ng
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
@@ -150,8 +150,8 @@ class CAPVIModule(SCVIModule):
             with poutine.scale(scale=mb.kl_weight):
                 loc_nk, scale_nk = self.encode_z(mb, c_n)
                 pyro.sample("z", dist.Normal(loc_nk, scale_nk).to_event(1))
-                l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), self._batch(mb))
-                pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
+            l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), self._batch(mb))
+            pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
 
     def classifier_model(self, mb: Minibatch):
         """Stage 1's objective: the class-weighted log-likelihood of the labelled cells' types under q(c | x),

@@ -222,8 +222,6 @@ class ETM(BaseModel):
         receive each epoch's record too.
         """
         labels_n = self._check_monitor(labels_key, monitor_every, embedding, cluster_method)
-        steps_per_epoch = max(1, int(np.ceil(train_size * self.setup.n_obs)) // batch_size)
-        warmup = None if not n_epochs_kl_warmup else n_epochs_kl_warmup * steps_per_epoch
         callbacks = list(callbacks)
         if labels_n is not None:
             callbacks.insert(
@@ -231,7 +229,7 @@ class ETM(BaseModel):
                                      embedding, 0 if seed is None else seed)
             )
         return super().train(
-            max_epochs=max_epochs, batch_size=batch_size, lr=lr, train_size=train_size, kl_warmup_steps=warmup,
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr, train_size=train_size, kl_warmup_epochs=n_epochs_kl_warmup,
             callbacks=callbacks, seed=seed, device=device, progress_bar=progress_bar, **fit_kwargs,
         )
 

@@ -144,10 +144,10 @@ class SCANVIModule(SCVIModule):
                 z2_nk = pyro.sample("z2", dist.Normal(mb.x_ng.new_zeros(self.n_latent), 1.0).to_event(1))
                 loc_nk, scale_nk = self.z1_prior_net(z2_nk, y_n)  # broadcasts over the enumerated y
                 z1_nk = pyro.sample("z1", dist.Normal(loc_nk, scale_nk).to_event(1))
-                if self.latent_library:
-                    scale_n = self.library_log_var_b[batch_n].sqrt()
-                    l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
-            if not self.latent_library:
+            if self.latent_library:  # the library's KL is not annealed (as scvi-tools)
+                scale_n = self.library_log_var_b[batch_n].sqrt()
+                l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
+            else:
                 l_n = mb.x_ng.sum(-1)
             rho_ng, zi_logits_ng = self.decode(z1_nk, batch_n)
             mu_ng = l_n.unsqueeze(-1) * rho_ng
@@ -159,10 +159,10 @@ class SCANVIModule(SCVIModule):
             with poutine.scale(scale=mb.kl_weight):
                 loc_nk, scale_nk = self.encode(mb)
                 z1_nk = pyro.sample("z1", dist.Normal(loc_nk, scale_nk).to_event(1))
-                if self.latent_library:
-                    cats = [self._batch(mb)] if self.encode_covariates else []
-                    l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), *cats)
-                    pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
+            if self.latent_library:
+                cats = [self._batch(mb)] if self.encode_covariates else []
+                l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), *cats)
+                pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
             logits_nc = known_labels_as_point_masses(self.classify(z1_nk), y_obs_n, labelled_n)
             y_n = pyro.sample("y_unobserved", dist.Categorical(logits=logits_nc), infer={"enumerate": "parallel"})
             with poutine.scale(scale=mb.kl_weight):
@@ -361,11 +361,10 @@ class SCANVI(SCVI, CellTypePredictor):
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
             if self.pretrained:
                 max_epochs = max(20, round(2 * max_epochs / 3))
-        train_size = fit_kwargs.get("train_size", 0.9)
-        warmup = self._kl_warmup_steps(n_epochs_kl_warmup, batch_size, train_size, fit_kwargs.get("train_indices"))
         self._labelled_batch_size = batch_size
         return BaseModel.train(
-            self, max_epochs=max_epochs, batch_size=batch_size, kl_warmup_steps=warmup, seed=seed, **fit_kwargs
+            self, max_epochs=max_epochs, batch_size=batch_size, kl_warmup_epochs=n_epochs_kl_warmup, seed=seed,
+            **fit_kwargs,
         )
 
     def _marginal_ll_pair(self):

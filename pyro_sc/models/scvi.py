@@ -38,6 +38,7 @@ from torch import nn
 from ..data import AnnDataSetup, Minibatch
 from ..distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from ..nn import MLP, GaussianEncoder
+from ..infer.schedule import default_warmup_epochs
 from ._base import BaseModel
 
 __all__ = ["SCVI", "SCVIModule"]
@@ -128,22 +129,23 @@ class SCVIModule(PyroModule):
     def model(self, mb: Minibatch):
         batch_n = self._batch(mb)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
-            with poutine.scale(scale=mb.kl_weight):
+            with poutine.scale(scale=mb.kl_weight):  # the KL warm-up anneals z's term only, as scvi-tools
                 z_nk = pyro.sample("z", self.prior_z(mb))
-                if self.latent_library:
-                    loc_n = self.library_log_mean_b[batch_n]
-                    scale_n = self.library_log_var_b[batch_n].sqrt()
-                    l_n = pyro.sample("l", dist.LogNormal(loc_n, scale_n))
-            if not self.latent_library:
+            if self.latent_library:
+                loc_n = self.library_log_mean_b[batch_n]
+                scale_n = self.library_log_var_b[batch_n].sqrt()
+                l_n = pyro.sample("l", dist.LogNormal(loc_n, scale_n))
+            else:
                 l_n = mb.x_ng.sum(-1)
             rho_ng, zi_logits_ng = self.decode(z_nk, batch_n)
             mu_ng = l_n.unsqueeze(-1) * rho_ng
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
     def guide(self, mb: Minibatch):
-        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n), poutine.scale(scale=mb.kl_weight):
+        with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             loc_nk, scale_nk = self.encode(mb)
-            pyro.sample("z", dist.Normal(loc_nk, scale_nk).to_event(1))
+            with poutine.scale(scale=mb.kl_weight):
+                pyro.sample("z", dist.Normal(loc_nk, scale_nk).to_event(1))
             if self.latent_library:
                 cats = [self._batch(mb)] if self.encode_covariates else []
                 l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), *cats)
@@ -239,7 +241,7 @@ class SCVI(BaseModel):
         max_epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-3,
-        n_epochs_kl_warmup: int | None = 400,
+        n_epochs_kl_warmup: float | Literal["auto"] | None = "auto",
         early_stopping: bool = False,
         train_size: float = 0.9,
         seed: int | None = 0,
@@ -250,26 +252,21 @@ class SCVI(BaseModel):
         """Train by SVI (see :func:`pyro_sc.infer.fit` for every option).
 
         ``max_epochs`` defaults to scvi-tools' rule, ``min(round(20000 / n_cells * 400), 400)``.
-        The KL weight grows linearly over ``n_epochs_kl_warmup`` epochs (counted in steps).
+        The KL weight of z grows linearly over ``n_epochs_kl_warmup`` epochs (counted in steps; None: no
+        warm-up); ``"auto"`` is :func:`pyro_sc.infer.schedule.default_warmup_epochs`,
+        ``min(400, ceil(max_epochs / 2))``, so the second half of the run is on the ELBO itself at any
+        data size (scvi-tools' 400 epochs never finish above 20,000 cells).
         """
         n_obs = self.setup.n_obs
         if max_epochs is None:
             max_epochs = int(min(round(20000 / n_obs * 400), 400))
-        warmup = self._kl_warmup_steps(n_epochs_kl_warmup, batch_size, train_size, fit_kwargs.get("train_indices"))
+        if n_epochs_kl_warmup == "auto":
+            n_epochs_kl_warmup = default_warmup_epochs(max_epochs)
         return super().train(
-            max_epochs=max_epochs, batch_size=batch_size, lr=lr, kl_warmup_steps=warmup,
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr, kl_warmup_epochs=n_epochs_kl_warmup,
             early_stopping=early_stopping, train_size=train_size, seed=seed, device=device,
             progress_bar=progress_bar, **fit_kwargs,
         )
-
-    def _kl_warmup_steps(
-        self, n_epochs: int | None, batch_size: int, train_size: float, train_indices
-    ) -> int | None:
-        """A KL warm-up of ``n_epochs`` epochs in optimiser steps (None: no warm-up)."""
-        if not n_epochs:
-            return None
-        n_train = len(train_indices) if train_indices is not None else int(np.ceil(train_size * self.setup.n_obs))
-        return n_epochs * max(1, n_train // batch_size)
 
     # --------------------------------------------------------------------------------------- queries
     @torch.no_grad()
