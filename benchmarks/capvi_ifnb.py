@@ -82,9 +82,12 @@ def main() -> None:
         "stage_epochs_2_3": args.stage_epochs,
         "scvi_epochs": args.scvi_epochs,
         NOT_MEASURED: {
-            "value": {"capvi_marginal_ll": -655.85, "scvi_marginal_ll": -662.79, "sigma": 1 / 32, "lambda": 0.1},
-            "source": "the capVI paper (Clivio et al.), its PBMC data set (not ifnb_2800): marginal log-likelihood "
-            "per cell of capVI (at that sigma and lambda) and scVI; copied from the paper, not measured here",
+            "value": {
+                "capvi_marginal_ll": -655.85, "scvi_marginal_ll": -662.79, "sigma": 1 / 32, "lambda": 0.1,
+            },
+            "source": "the capVI paper (Clivio et al.), its PBMC data set (not ifnb_2800): marginal "
+            "log-likelihood per cell of capVI (at that sigma and lambda) and scVI; copied from the paper, "
+            "not measured here",
         },
         "runs": [],
     }

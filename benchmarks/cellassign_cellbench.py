@@ -72,8 +72,8 @@ def main() -> None:
         NOT_MEASURED: {
             "value": {"tian_73_73": {"accuracy_mean": 0.58, "plus_minus": 0.13, "n_seeds": 5},
                       "tian_20_73": {"accuracy_mean": 0.52, "plus_minus": 0.09, "n_seeds": 5}},
-            "source": "scvi-tools 1.4.2 CellAssign with its tutorial's recipe on the same data; run earlier by "
-            "hand, not rerun by this script",
+            "source": "scvi-tools 1.4.2 CellAssign with its tutorial's recipe on the same data; run "
+            "earlier by hand, not rerun by this script",
         },
         "runs": rows,
     })

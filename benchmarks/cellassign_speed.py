@@ -107,9 +107,9 @@ def main() -> None:
         "train_seconds_mean": float(np.mean([r["train_seconds"] for r in runs])),
         NOT_MEASURED: {
             "value": {"epochs": 400, "train_seconds": 58, "accuracy_per_seed": [0.75, 0.75, 1.0, 0.85, 1.0]},
-            "source": "scvi-tools 1.4.2 CellAssign with its defaults on the same simulation (10,000 cells, seeds 0-4) "
-            "on the machine of an earlier run; not rerun by this script (--scvi-tools-python measures it: "
-            "each run's 'scvi_tools')",
+            "source": "scvi-tools 1.4.2 CellAssign with its defaults on the same simulation (10,000 cells, "
+            "seeds 0-4) on the machine of an earlier run; not rerun by this script (--scvi-tools-python "
+            "measures it: each run's 'scvi_tools')",
         },
         "runs": runs,
     }

@@ -107,8 +107,8 @@ def main() -> None:
             summary[NOT_MEASURED] = {
                 "value": {"ifnb_2800": {"accuracy_hidden_per_seed": [0.754, 0.779, 0.777],
                                         "balanced_accuracy_hidden_about": 0.51}},
-                "source": "scvi-tools 1.4.2 SCANVI (from its SCVI, defaults) on ifnb_2800 with 5 % labels, 3 seeds; "
-                "run earlier by hand, not rerun by this script",
+                "source": "scvi-tools 1.4.2 SCANVI (from its SCVI, defaults) on ifnb_2800 with 5 % labels, "
+                "3 seeds; run earlier by hand, not rerun by this script",
             }
             write_results(args.out, summary)
 

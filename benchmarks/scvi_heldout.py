@@ -104,8 +104,8 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> dict:
             "clisi_median": 1.19,
             "ilisi_median": 1.80,
         },
-        "source": "scvi-tools 1.4.2 SCVI with its defaults, the same protocol (ifnb_2800, 75 / 25 split per seed); "
-        "run earlier by hand, not rerun by this script",
+        "source": "scvi-tools 1.4.2 SCVI with its defaults, the same protocol (ifnb_2800, 75 / 25 split "
+        "per seed); run earlier by hand, not rerun by this script",
     }
     summary["runs"] = runs
     return summary

@@ -80,8 +80,8 @@ def main() -> None:
                 "ari_best_over_grid": 0.76,
                 "ilisi_median": 1.80,
             },
-            "source": "scvi-tools 1.4.2 SCVI with its defaults on the same data (ifnb_2800, 2,000 seurat_v3 HVGs, "
-            "batch_key=condition) and machine, 3 seeds; run earlier by hand, not rerun by this script",
+            "source": "scvi-tools 1.4.2 SCVI with its defaults on the same data (ifnb_2800, 2,000 seurat_v3 "
+            "HVGs, batch_key=condition) and machine, 3 seeds; run earlier by hand, not rerun by this script",
         },
         "runs": runs,
     }
