@@ -119,7 +119,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     for e, loss in enumerate(loss_e):
         record, best_e, since = (loss, e, 0) if loss < record - min_delta else (record, best_e, since + 1)
         if e < len(loss_e) - 1:
-            assert since < patience, f"{patience} epochs without improvement at epoch {e}, yet training went on"
+            assert since < patience, f"{patience} epochs without an improvement at epoch {e}, yet it went on"
     assert since == patience and best_e == len(loss_e) - 1 - patience
     # min_delta did count: a later epoch is lower than the best one (by less than min_delta)
     assert loss_e[best_e + 1:].min() < loss_e[best_e]
