@@ -5,16 +5,42 @@ covariates (e.g. the batch) injected into every layer. Concatenating a one-hot c
 and multiplying by the weights is the same as adding one weight column per category, which is how it
 is computed here (an index instead of a matrix product), which also lets a covariate broadcast against
 the cells (see :meth:`MLP.forward`).
+
+:func:`local_params` keeps the parameters of pyro_sc's ``PyroModule`` s (and of the autoguides and guide
+modules it runs) inside those modules, without changing Pyro's settings for the rest of the process.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
+import pyro
 import torch
+from pyro.nn import PyroModule
 from torch import nn
 
-__all__ = ["MLP", "GaussianEncoder"]
+__all__ = ["MLP", "GaussianEncoder", "local_params"]
+
+
+@contextmanager
+def local_params(*modules: nn.Module) -> Iterator[None]:
+    """Pyro's ``module_local_params`` on inside the block only, restored after (even on an error).
+
+    pyro_sc builds and runs its modules, autoguides and guide modules in this block, so their parameters
+    live in the modules that own them, never in Pyro's global parameter store: two models in one
+    process never share parameters, whatever the user's own Pyro code next to them does with the
+    global setting. A ``PyroModule`` among ``modules`` built outside the block (a guide module the user
+    made under Pyro's default, global mode) is given a local parameter state first, as if it had been
+    built inside.
+    """
+    with pyro.settings.context(module_local_params=True):
+        for module in modules:
+            for m in module.modules():
+                context = getattr(m, "_pyro_context", None)
+                if isinstance(m, PyroModule) and not context.active and not hasattr(context, "param_state"):
+                    context.param_state = {"params": {}, "constraints": {}}
+        yield
 
 
 class _CovariateLinear(nn.Module):

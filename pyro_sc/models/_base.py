@@ -43,6 +43,7 @@ from .. import __version__
 from ..data import AnnDataSetup, Minibatch, iterate_minibatches
 from ..infer import fit
 from ..metrics import marginal_log_likelihood
+from ..nn import local_params
 
 __all__ = ["BaseModel", "SAVE_FORMAT"]
 
@@ -56,7 +57,7 @@ class BaseModel:
     def __init__(self, setup: AnnDataSetup, **module_kwargs: Any):
         self.setup = setup
         self.module_kwargs = module_kwargs
-        self.module: PyroModule = self._make_module(setup, **module_kwargs)
+        self.module: PyroModule = self._build_module()
         # The first seeded train() rebuilds this freshly made module under its seed; a loaded module sets
         # this False. Parameters copied from another model (_copied_state) are loaded into the rebuilt one.
         self._rebuild_on_seeded_train = True
@@ -77,6 +78,11 @@ class BaseModel:
     def _make_module(cls, setup: AnnDataSetup, **module_kwargs: Any) -> PyroModule:
         """Build the method's PyroModule (with ``model`` and ``guide`` methods) for registered data."""
         raise NotImplementedError
+
+    def _build_module(self) -> PyroModule:
+        """A fresh module for the registered data (:meth:`_make_module`), its parameters local to it."""
+        with local_params():
+            return self._make_module(self.setup, **self.module_kwargs)
 
     def _elbo(self) -> ELBO:
         """The loss; ``TraceEnum_ELBO`` sums enumerated discrete latents out exactly."""
@@ -109,7 +115,7 @@ class BaseModel:
         """Rebuild the freshly made module (and a custom guide) under ``seed`` (once, before the first training)."""
         if not self.is_trained and seed is not None and self._rebuild_on_seeded_train:
             pyro.set_rng_seed(seed)
-            self.module = self._make_module(self.setup, **self.module_kwargs)
+            self.module = self._build_module()
             if self._copied_state is not None:  # parameters copied from another model (e.g. SCANVI.from_scvi)
                 self.module.load_state_dict(self._copied_state, strict=False)
             self._reset_guide()
@@ -139,11 +145,12 @@ class BaseModel:
             # (e.g. AutoMultivariateNormal's loc) reach them without the constrained/unconstrained pair
             # that infer.collect_parameters reads.
             guide = poutine.block(guide, hide_types=["param"])
-        if self._autoguide_spec is None:
-            return guide(mb)
-        _, sites, _ = self._autoguide_spec
-        with poutine.scale(scale=mb.kl_weight):
-            values = guide(mb)
+        with local_params(*self._modules()[1:]):
+            if self._autoguide_spec is None:
+                return guide(mb)
+            _, sites, _ = self._autoguide_spec
+            with poutine.scale(scale=mb.kl_weight):
+                values = guide(mb)
         if set(self._guide_latent_sites()) - set(sites):
             poutine.block(self.method_guide, hide=sites)(mb)
         return values
@@ -254,7 +261,8 @@ class BaseModel:
         if "create_plates" in inspect.signature(guide_class).parameters and "create_plates" not in kwargs:
             # the autoguide's cells plate subsamples the minibatch's cells, as the model's does
             kwargs = {**kwargs, "create_plates": lambda mb: pyro.plate("cells", mb.n_obs, subsample=mb.idx_n)}
-        self._custom_guide = guide_class(poutine.block(self.model, expose=sites), **kwargs)
+        with local_params():
+            self._custom_guide = guide_class(poutine.block(self.model, expose=sites), **kwargs)
         self._materialize_guide()
         return self._custom_guide
 

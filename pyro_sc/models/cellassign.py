@@ -614,7 +614,7 @@ class _Restarts:
         if previous is None:
             if restart_seed is not None:
                 pyro.set_rng_seed(restart_seed)
-            m.module = m._make_module(m.setup, **m.module_kwargs)
+            m.module = m._build_module()
             m._reset_guide()
         else:
             self._install(previous)
