@@ -3,7 +3,7 @@
 Protocol, per data set and seed: labels are kept for ``--labelled-fraction`` (5 %) of the cells, drawn
 at random with the seed (at least one cell of each type is *not* guaranteed: rare types may have no
 label at all, as in practice); the others are set to ``"Unknown"``. scVI is trained with its defaults
-(``batch_key`` as given), then :meth:`pyro_sc.SCANVI.from_scvi` with its defaults. Reported: accuracy and
+(``batch_key`` as given), then :meth:`pyro_sc.SCANVI.from_scvi_model` with its defaults. Reported: accuracy and
 balanced accuracy of ``predict_labels()`` on the hidden cells, and the training times.
 
 * ``ifnb_2800``: 2,000 ``seurat_v3`` genes (``batch_key="condition"``), labels ``cell_type``.
@@ -65,7 +65,7 @@ def run_one(name: str, seed: int, fraction: float, scanvi_epochs: int | None) ->
     started = time.perf_counter()
     scvi.train(seed=seed, progress_bar=False)
     scvi_seconds = time.perf_counter() - started
-    model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    model = pyro_sc.SCANVI.from_scvi_model(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
     started = time.perf_counter()
     history = model.train(max_epochs=scanvi_epochs, seed=seed, progress_bar=False)
     scanvi_seconds = time.perf_counter() - started

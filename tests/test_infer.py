@@ -14,9 +14,10 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroParam
 
-import pyro_sc  # noqa: F401  (sets module-local parameters)
+import pyro_sc
 from pyro_sc.data import AnnDataSetup
 from pyro_sc.infer import TrainingError, fit
+from pyro_sc.infer.loop import resolve_device
 
 
 def poisson_adata(n_cells=600, n_genes=8, seed=0):
@@ -228,3 +229,17 @@ def test_frozen_modules_stay_fixed_in_eval_mode_while_the_rest_fits_around_them(
     other = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match=r"^frozen modules must be among the modules"):
         fit(module.model, module.guide, setup, modules=[module], frozen=[other], max_epochs=1, progress_bar=False)
+
+
+def test_device_auto_is_cuda_when_torch_sees_a_gpu_else_the_cpu(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    adata = pyro_sc.datasets.simulate_scvi(n_cells=40, n_genes=10, n_types=2, seed=0)
+    model = pyro_sc.SCVI(adata, n_hidden=8, n_latent=2)
+    model.train(max_epochs=1, progress_bar=False)  # device defaults to "auto", as scvi-tools' accelerator
+    assert model.device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(RuntimeError):
+        resolve_device("tpu")

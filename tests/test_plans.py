@@ -216,7 +216,7 @@ def test_save_and_load_keep_the_methods_own_attributes(cellassign_uninterrupted,
     assert loaded.restart_losses == cellassign_uninterrupted.restart_losses
     scvi = pyro_sc.SCVI(scanvi_data, batch_key="batch", n_latent=3, n_hidden=16)
     scvi.train(max_epochs=1, batch_size=32, progress_bar=False)
-    ssv = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    ssv = pyro_sc.SCANVI.from_scvi_model(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
     ssv.train(max_epochs=1, batch_size=32, progress_bar=False)
     ssv.save(tmp_path / "ssv.pt")
     assert pyro_sc.SCANVI.load(tmp_path / "ssv.pt", scanvi_data).pretrained is True

@@ -577,7 +577,7 @@ def test_cell_type_vaes_same_seed_same_data_same_result_and_no_mutation(env, met
             model = pyro_sc.CAPVI(adata, labels_key="seed_labels", unlabeled_category="Unknown",
                                   batch_key="batch", **SMALL)
             model.train(max_epochs=(3, 2, 2), seed=seed, progress_bar=False, batch_size=64)
-        return model, state_of(model), model.predict(adata), model.get_latent_representation(adata)
+        return model, state_of(model), model.predict(adata, soft=True), model.get_latent_representation(adata)
 
     model, *first = run(5)
     _, *second = run(5)

@@ -68,7 +68,7 @@ def fit(
     parameters: Iterable[torch.Tensor] | None = None,
     frozen: Sequence[torch.nn.Module] = (),
     seed: int | None = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "auto",
     progress_bar: bool = True,
     validation_batch_size: int = 1024,
     on_nonfinite: NonFinitePolicy = "raise",
@@ -125,7 +125,9 @@ def fit(
     seed
         Seeds Pyro / torch / numpy and the minibatch order.
     device
-        ``"cpu"`` or ``"cuda"`` (or ``"cuda:1"``...): the modules are moved there, and each minibatch
+        ``"auto"`` (the default, as scvi-tools' ``accelerator="auto"``: CUDA when
+        ``torch.cuda.is_available()``, else the CPU), ``"cpu"`` or ``"cuda"`` (or ``"cuda:1"``...): the
+        modules are moved there, and each minibatch
         (its rows read on the host) is moved there, sparse counts as a sparse tensor densified on the device.
     on_nonfinite, lr_reduction_factor, max_lr_reductions
         A NaN or inf in the loss or the gradients is caught at the step it appears, before any update.
@@ -169,7 +171,7 @@ def fit(
     if checkpoint is not None:
         check_compatible(checkpoint, resume, n_obs=data.n_obs, seed=seed)
     prefetch = (2 if data._backed else 0) if prefetch is None else prefetch
-    device = _named_device(device)
+    device = _named_device(resolve_device(device))
     replicas = Replicas(distributed, device)
     if replicas.enabled and batch_size < 2 * replicas.world_size:
         raise ValueError(
@@ -271,6 +273,13 @@ def _check_options(max_epochs, on_nonfinite, lr_reduction_factor, batch_size, mo
         raise ValueError("frozen modules must be among the modules (or inside one of them)")
     if prefetch is not None and prefetch < 0:
         raise ValueError(f"prefetch must be >= 0 (or None), got {prefetch}")
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``"auto"``: CUDA if torch sees a GPU, else the CPU; any other value as ``torch.device`` reads it."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def _named_device(device: torch.device | str) -> torch.device:

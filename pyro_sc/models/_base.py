@@ -42,6 +42,7 @@ from torch import nn
 from .. import __version__
 from ..data import AnnDataSetup, Minibatch, iterate_minibatches
 from ..infer import fit
+from ..infer.loop import resolve_device
 from ..metrics import marginal_log_likelihood
 from ..nn import local_params
 
@@ -116,7 +117,7 @@ class BaseModel:
         if not self.is_trained and seed is not None and self._rebuild_on_seeded_train:
             pyro.set_rng_seed(seed)
             self.module = self._build_module()
-            if self._copied_state is not None:  # parameters copied from another model (e.g. SCANVI.from_scvi)
+            if self._copied_state is not None:  # parameters copied from another model (e.g. SCANVI.from_scvi_model)
                 self.module.load_state_dict(self._copied_state, strict=False)
             self._reset_guide()
             self._rebuild_on_seeded_train = False
@@ -337,7 +338,7 @@ class BaseModel:
         """One run of :func:`pyro_sc.infer.fit` on this model's modules (queries stay open meanwhile, for
         callbacks); ``model``, ``guide``, ``elbo`` and ``extra_loss`` (``"method"``: :meth:`_extra_loss`;
         a callable, or None for none) default to the method's own."""
-        self.device = torch.device(options.get("device", "cpu"))
+        options["device"] = self.device = resolve_device(options.get("device", "auto"))
         self._in_training = True
         try:
             return fit(
@@ -371,16 +372,39 @@ class BaseModel:
             return self.setup
         return self._setup_from_registry(adata, self.setup.registry(), self.module_kwargs)
 
-    def _minibatches(self, setup: AnnDataSetup, batch_size: int) -> Iterator[Minibatch]:
-        """All cells of ``setup`` in order, for queries (call under ``torch.no_grad`` in eval mode)."""
+    def _query_cells(self, adata: AnnData | None, indices: Sequence[int] | np.ndarray | None) -> tuple[AnnDataSetup, np.ndarray]:
+        """The data a query reads (:meth:`_setup_for`) and the positions of its cells asked for: all, or
+        ``indices`` (integer positions in ``adata``, or a boolean mask over its cells), as scvi-tools'
+        ``indices=``; a query's rows follow that order."""
+        setup = self._setup_for(adata)
+        if indices is None:
+            return setup, np.arange(setup.n_obs)
+        cells = np.asarray(indices)
+        if cells.dtype == bool:
+            if cells.shape != (setup.n_obs,):
+                raise ValueError(f"a boolean indices mask needs one entry per cell ({setup.n_obs}), got shape {cells.shape}")
+            cells = np.flatnonzero(cells)
+        if cells.ndim != 1 or not (cells.size == 0 or np.issubdtype(cells.dtype, np.integer)):
+            raise TypeError(f"indices must be a 1-d sequence of integer positions or a boolean mask, got {cells.dtype} of shape {cells.shape}")
+        if cells.size == 0:
+            raise ValueError("indices selects no cells")
+        if cells.min() < 0 or cells.max() >= setup.n_obs:
+            raise IndexError(f"indices must be positions in [0, {setup.n_obs}), got {cells.min()} .. {cells.max()}")
+        return setup, cells.astype(np.int64)
+
+    def _minibatches(self, setup: AnnDataSetup, batch_size: int, cells: np.ndarray | None = None) -> Iterator[Minibatch]:
+        """Cells ``cells`` of ``setup`` (default all) in order, for queries (call under ``torch.no_grad``;
+        the module is put in eval mode)."""
         self.module.eval()
-        for idx in iterate_minibatches(np.arange(setup.n_obs), batch_size, shuffle=False):
+        cells = np.arange(setup.n_obs) if cells is None else cells
+        for idx in iterate_minibatches(cells, batch_size, shuffle=False):
             yield setup.minibatch(idx, device=self.device)
 
     def get_marginal_ll(
         self,
         adata: AnnData | None = None,
         *,
+        indices: Sequence[int] | np.ndarray | None = None,
         n_samples: int = 100,
         batch_size: int = 128,
         seed: int | None = 0,
@@ -392,12 +416,13 @@ class BaseModel:
         cells. Global latents are held at the guide's value (the MAP for a MAP guide) and enumerated
         discrete latents are summed out exactly; see :func:`pyro_sc.metrics.marginal_log_likelihood`.
         ``seed`` makes the estimate reproducible (the global RNG is left as it was); ``None`` draws afresh.
+        ``indices``: the cells to average over (positions or a boolean mask; default all).
         """
         self._check_trained()
-        setup = self._setup_for(adata)
+        setup, cells = self._query_cells(adata, indices)
         model, guide = self._marginal_ll_pair()
         ll_n = marginal_log_likelihood(
-            model, guide, setup, n_samples=n_samples, batch_size=batch_size,
+            model, guide, setup, indices=cells, n_samples=n_samples, batch_size=batch_size,
             max_plate_nesting=self.module.max_plate_nesting, modules=self._modules(), device=self.device,
             seed=seed,
         )
@@ -537,19 +562,39 @@ class CellTypePredictor:
     (cells x types probabilities); :meth:`predict_labels` reads the most probable type from it."""
 
     def predict_labels(self, adata: AnnData | None = None, *, threshold: float = 0.0, **kwargs) -> pd.Series:
-        """The most probable type of each cell; ``"unassigned"`` where its probability is below
-        ``threshold``. Other options pass to :meth:`predict`."""
-        probs = self.predict(adata, **kwargs)
+        """The most probable type of each cell, indexed like ``adata``; ``"unassigned"`` where its
+        probability is below ``threshold``. Other options pass to :meth:`predict` (for the VAEs,
+        ``predict(soft=False)`` gives the same labels as an array, as scvi-tools)."""
+        probs = self._probabilities(adata, **kwargs)
         labels = probs.idxmax(axis=1).astype(object)
         labels[probs.max(axis=1) < threshold] = "unassigned"
         return labels.rename("cell_type")
 
+    def _probabilities(self, adata: AnnData | None, **kwargs) -> pd.DataFrame:
+        """The cells x types probability table of :meth:`predict`."""
+        return self.predict(adata, **kwargs)
+
     @torch.no_grad()
     def _probability_table(
-        self, adata: AnnData | None, logits: Callable[[Minibatch], torch.Tensor], batch_size: int
+        self, adata: AnnData | None, logits: Callable[[Minibatch], torch.Tensor], batch_size: int,
+        indices: Sequence[int] | np.ndarray | None = None,
     ) -> pd.DataFrame:
-        """``softmax(logits(mb))`` over all cells of ``adata`` (default: the training data), as a table."""
+        """``softmax(logits(mb))`` over the cells of ``adata`` (default: the training data; ``indices``:
+        some of them), as a table indexed by cell names."""
         self._check_trained()
-        setup = self._setup_for(adata)
-        out = [torch.softmax(logits(mb), -1) for mb in self._minibatches(setup, batch_size)]
-        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.setup.label_categories)
+        setup, cells = self._query_cells(adata, indices)
+        out = [torch.softmax(logits(mb), -1) for mb in self._minibatches(setup, batch_size, cells)]
+        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names[cells], columns=self.setup.label_categories)
+
+
+class LabelsOrProbabilities(CellTypePredictor):
+    """Mixin of the VAEs with types (SCANVI, capVI): ``predict`` as scvi-tools' SCANVI, the labels
+    (``soft=False``, the default; an array, so ``adata.obs["pred"] = model.predict()`` works) or the
+    cells x types probabilities (``soft=True``)."""
+
+    def _probabilities(self, adata: AnnData | None, **kwargs) -> pd.DataFrame:
+        return self.predict(adata, soft=True, **kwargs)
+
+    @staticmethod
+    def _labels_or_table(probs: pd.DataFrame, soft: bool) -> np.ndarray | pd.DataFrame:
+        return probs if soft else probs.columns.to_numpy()[probs.to_numpy().argmax(1)]

@@ -54,7 +54,7 @@ from torch import nn
 from ..data import AnnDataSetup, DataError, Minibatch, split_indices
 from ..nn import MLP, GaussianEncoder
 from ..infer import TrainingPlan
-from ._base import BaseModel, CellTypePredictor
+from ._base import BaseModel, LabelsOrProbabilities
 from .scanvi import known_labels_as_point_masses, without_labels
 from .scvi import Likelihood, SCVIModule
 
@@ -174,7 +174,7 @@ class CAPVIModule(SCVIModule):
         return strength / (self.n_labels * n_batch) * sums_csk.pow(2).sum() / len(mb)
 
 
-class CAPVI(BaseModel, CellTypePredictor):
+class CAPVI(BaseModel, LabelsOrProbabilities):
     """capVI on an AnnData of raw counts with cell types (all or some known).
 
     Parameters
@@ -335,18 +335,25 @@ class CAPVI(BaseModel, CellTypePredictor):
         }
 
     # ------------------------------------------------------------------------------------- queries
-    def predict(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> pd.DataFrame:
-        """q(c | x): cells x cell types probabilities (rows sum to one)."""
-        return self._probability_table(adata, self.module.classify, batch_size)
+    def predict(
+        self, adata: AnnData | None = None, *, indices: Sequence[int] | np.ndarray | None = None, soft: bool = False,
+        batch_size: int = 1024,
+    ) -> np.ndarray | pd.DataFrame:
+        """The cell type of each cell under q(c | x), as scvi-tools' SCANVI: the most probable label, an
+        array (``soft=False``), or the cells x types probabilities indexed by cell (``soft=True``);
+        ``indices`` selects cells of ``adata`` (default: the training data)."""
+        return self._labels_or_table(self._probability_table(adata, self.module.classify, batch_size, indices), soft)
 
     @torch.no_grad()
-    def get_latent_representation(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> np.ndarray:
+    def get_latent_representation(
+        self, adata: AnnData | None = None, *, indices: Sequence[int] | np.ndarray | None = None, batch_size: int = 1024
+    ) -> np.ndarray:
         """The posterior mean of z, :math:`\\sum_c q(c \\mid x)\\, \\mathbb E[z \\mid x, c]`: (cells, n_latent)."""
         self._check_trained()
-        setup = self._setup_for(adata)
+        setup, cells = self._query_cells(adata, indices)
         out = []
         types_c1 = torch.arange(self.module.n_labels, device=self.device).unsqueeze(-1)
-        for mb in self._minibatches(setup, batch_size):
+        for mb in self._minibatches(setup, batch_size, cells):
             q_nc = torch.softmax(self.module.classify(mb), -1)
             loc_cnk, _ = self.module.encode_z(mb, types_c1)
             out.append(torch.einsum("nc,cnk->nk", q_nc, loc_cnk))

@@ -55,6 +55,7 @@ from torch import nn
 
 from ..data import AnnDataSetup, DataError, Minibatch, _chunks, split_indices
 from ..infer import TrainingPlan
+from ..infer.loop import resolve_device
 from ..distributions import NegativeBinomial
 from ._base import BaseModel, CellTypePredictor
 
@@ -472,7 +473,7 @@ class CellAssign(BaseModel, CellTypePredictor):
         checkpointing = dict(checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume)
         if self.is_trained and resume is None:  # continue the trained model, as BaseModel.train does
             return BaseModel.train(self, max_epochs=max_epochs, seed=seed, **checkpointing, **options)
-        self.device = torch.device(fit_kwargs.get("device", "cpu"))  # where queries put their minibatches
+        self.device = resolve_device(fit_kwargs.get("device", "auto"))  # where queries put their minibatches
         plan = TrainingPlan(**checkpointing)
         self._in_training = True
         try:
@@ -533,9 +534,12 @@ class CellAssign(BaseModel, CellTypePredictor):
 
     @torch.no_grad()
     def predict(
-        self, adata: AnnData | None = None, *, n_samples: int = 0, seed: int | None = 0, batch_size: int = 4096
+        self, adata: AnnData | None = None, *, indices: Sequence[int] | np.ndarray | None = None, n_samples: int = 0,
+        seed: int | None = 0, batch_size: int = 4096,
     ) -> pd.DataFrame:
-        """Posterior probabilities gamma_nc of each cell type (cells x types).
+        """Posterior probabilities gamma_nc of each cell type (cells x types), for the cells of ``adata``
+        (default: the training data; ``indices``: some of them). As scvi-tools' CellAssign, ``predict``
+        gives the probabilities; :meth:`predict_labels` the most probable type.
 
         By default at the point estimate of pi and delta (the MAP; a custom guide's median). With
         ``n_samples > 0``, averaged over that many draws of pi and delta from the guide (a custom guide
@@ -543,20 +547,20 @@ class CellAssign(BaseModel, CellTypePredictor):
         probabilities; ``seed`` makes the draws reproducible.
         """
         self._check_trained()
-        setup = self._setup_for(adata)
+        setup, cells = self._query_cells(adata, indices)
         if n_samples > 0:
             params = [(d["pi"], d["delta"]) for d in self._guide_draws(n_samples, seed)]
         else:
             params = [self._point_estimates()]
         out = []
-        for mb in self._minibatches(setup, batch_size):
+        for mb in self._minibatches(setup, batch_size, cells):
             gamma_nc = 0.0
             for pi_c, delta_m in params:
                 log_mu_cng, phi_cng = self.module.type_means(self._design(mb), delta_m)
                 log_lik_cn = NegativeBinomial(log_mu_cng.exp(), phi_cng, validate_args=False).log_prob(mb.x_ng).sum(-1)
                 gamma_nc = gamma_nc + torch.softmax(log_lik_cn.T + pi_c.log(), -1)
             out.append(gamma_nc / len(params))
-        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names, columns=self.cell_types)
+        return pd.DataFrame(torch.cat(out).cpu().numpy(), index=setup.obs_names[cells], columns=self.cell_types)
 
     @property
     def delta(self) -> pd.DataFrame:

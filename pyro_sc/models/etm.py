@@ -203,7 +203,7 @@ class ETM(BaseModel):
         embedding: Embedding = "delta",
         callbacks: Iterable[Callable[[dict], bool | None]] = (),
         seed: int | None = 0,
-        device: str = "cpu",
+        device: str = "auto",
         progress_bar: bool = True,
         **fit_kwargs,
     ) -> pd.DataFrame:
@@ -273,10 +273,10 @@ class ETM(BaseModel):
 
     # --------------------------------------------------------------------------------------- queries
     @torch.no_grad()
-    def _embedding(self, setup: AnnDataSetup, kind: Embedding, batch_size: int) -> np.ndarray:
-        """Posterior mean of delta, or its softmax theta, for every cell of ``setup``: (cells, topics)."""
+    def _embedding(self, setup: AnnDataSetup, kind: Embedding, batch_size: int, cells: np.ndarray | None = None) -> np.ndarray:
+        """Posterior mean of delta, or its softmax theta, for cells ``cells`` of ``setup`` (default all): (cells, topics)."""
         out = []
-        for mb in self._minibatches(setup, batch_size):
+        for mb in self._minibatches(setup, batch_size, cells):
             loc_nk, _ = self.module.encode(mb)
             out.append(loc_nk if kind == "delta" else torch.softmax(loc_nk, -1))
         return torch.cat(out).cpu().numpy()
@@ -284,17 +284,23 @@ class ETM(BaseModel):
     def _topic_names(self) -> list[str]:
         return [f"topic_{k}" for k in range(self.module.n_topics)]
 
-    def get_latent_representation(self, adata: AnnData | None = None, *, batch_size: int = 2000) -> np.ndarray:
-        """The posterior mean of delta (unnormalised topic proportions), (cells, topics): what scETM clusters."""
+    def get_latent_representation(
+        self, adata: AnnData | None = None, *, indices: Sequence[int] | np.ndarray | None = None, batch_size: int = 2000
+    ) -> np.ndarray:
+        """The posterior mean of delta (unnormalised topic proportions), (cells, topics): what scETM clusters.
+        ``indices`` selects cells of ``adata`` (default: the training data, all cells)."""
         self._check_trained()
-        return self._embedding(self._setup_for(adata), "delta", batch_size)
+        setup, cells = self._query_cells(adata, indices)
+        return self._embedding(setup, "delta", batch_size, cells)
 
-    def get_cell_topics(self, adata: AnnData | None = None, *, batch_size: int = 2000) -> pd.DataFrame:
+    def get_cell_topics(
+        self, adata: AnnData | None = None, *, indices: Sequence[int] | np.ndarray | None = None, batch_size: int = 2000
+    ) -> pd.DataFrame:
         """Topic proportions theta = softmax(posterior mean of delta): cells x topics, rows sum to one."""
         self._check_trained()
-        setup = self._setup_for(adata)
-        theta_nk = self._embedding(setup, "theta", batch_size)
-        return pd.DataFrame(theta_nk, index=setup.obs_names, columns=self._topic_names())
+        setup, cells = self._query_cells(adata, indices)
+        theta_nk = self._embedding(setup, "theta", batch_size, cells)
+        return pd.DataFrame(theta_nk, index=setup.obs_names[cells], columns=self._topic_names())
 
     @torch.no_grad()
     def get_topic_genes(self, *, batch: str | None = None) -> pd.DataFrame:

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..data import AnnDataSetup, DataError, Minibatch
 from ..nn import MLP, GaussianEncoder
-from ._base import BaseModel, CellTypePredictor
+from ._base import BaseModel, LabelsOrProbabilities
 from .scvi import SCVI, Dispersion, Likelihood, SCVIModule
 
 __all__ = ["SCANVI", "SCANVIModule", "known_labels_as_point_masses", "without_labels"]
@@ -170,7 +170,7 @@ class SCANVIModule(SCVIModule):
                 pyro.sample("z2", dist.Normal(loc2, scale2).to_event(1))
 
 
-class SCANVI(SCVI, CellTypePredictor):
+class SCANVI(SCVI, LabelsOrProbabilities):
     """The semi-supervised VAE on an AnnData of raw counts with partly known cell types.
 
     Parameters
@@ -205,9 +205,9 @@ class SCANVI(SCVI, CellTypePredictor):
     Examples
     --------
     >>> scvi = pyro_sc.SCVI(adata, batch_key="condition"); scvi.train()
-    >>> model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    >>> model = pyro_sc.SCANVI.from_scvi_model(scvi, "Unknown", labels_key="seed_labels")
     >>> model.train()
-    >>> adata.obs["predicted"] = model.predict().idxmax(axis=1)
+    >>> adata.obs["predicted"] = model.predict()  # labels; predict(soft=True): probabilities
     """
 
     def __init__(
@@ -258,12 +258,12 @@ class SCANVI(SCVI, CellTypePredictor):
         return AnnDataSetup.from_registry(adata, registry)
 
     @classmethod
-    def from_scvi(
+    def from_scvi_model(
         cls,
         scvi_model: SCVI,
+        unlabeled_category: str,
         *,
         labels_key: str,
-        unlabeled_category: str,
         adata: AnnData | None = None,
         **options,
     ) -> "SCANVI":
@@ -271,17 +271,18 @@ class SCANVI(SCVI, CellTypePredictor):
 
         ``adata`` defaults to the scVI's training data; it must have the same genes and batches.
         ``options`` are the semi-supervised ones of the constructor (``classification_ratio``,
-        ``class_weights``, ``label_prior``); the architecture is the scVI's.
+        ``class_weights``, ``label_prior``); the architecture is the scVI's. The name and the order of
+        the first two arguments are scvi-tools'; ``from_scvi`` is an alias.
         """
         if not isinstance(scvi_model, SCVI):
-            raise TypeError(f"from_scvi needs a trained pyro_sc.SCVI, got {type(scvi_model).__name__}")
+            raise TypeError(f"from_scvi_model needs a trained pyro_sc.SCVI, got {type(scvi_model).__name__}")
         scvi_model._check_trained()
         standard = ("likelihood", "dispersion", "n_latent", "n_hidden", "n_layers", "dropout_rate",
                     "latent_library", "encode_covariates")
         extra = sorted(set(scvi_model.module_kwargs) - set(standard))
         if extra or type(scvi_model).module_class is not SCVIModule:
             raise TypeError(
-                f"from_scvi copies a plain SCVI; this one has module_class {type(scvi_model).module_class.__name__} "
+                f"from_scvi_model copies a plain SCVI; this one has module_class {type(scvi_model).module_class.__name__} "
                 f"and options {extra}, which the semi-supervised VAE does not have"
             )
         architecture = {k: scvi_model.module_kwargs[k] for k in standard}
@@ -304,6 +305,8 @@ class SCANVI(SCVI, CellTypePredictor):
         model.module.load_state_dict(model._copied_state, strict=False)
         model.pretrained = True
         return model
+
+    from_scvi = from_scvi_model
 
     def _init_attributes(self) -> None:
         self.pretrained = False  # set by from_scvi_model: shortens the default training; saved
@@ -377,6 +380,14 @@ class SCANVI(SCVI, CellTypePredictor):
         return super().get_marginal_ll(adata, **kwargs)
 
     # ------------------------------------------------------------------------------------- queries
-    def predict(self, adata: AnnData | None = None, *, batch_size: int = 1024) -> pd.DataFrame:
-        """q(y | z1) at the posterior-mean z1: cells x cell types probabilities (rows sum to one)."""
-        return self._probability_table(adata, lambda mb: self.module.classify(self.module.encode(mb)[0]), batch_size)
+    def predict(
+        self, adata: AnnData | None = None, *, indices: Sequence[int] | np.ndarray | None = None, soft: bool = False,
+        batch_size: int = 1024,
+    ) -> np.ndarray | pd.DataFrame:
+        """The cell type of each cell of ``adata`` (default: the training data; ``indices``: some of its
+        cells), as scvi-tools: the most probable label under q(y | z1) at the posterior-mean z1, an array
+        (``soft=False``), or the cells x types probabilities, a table indexed by cell (``soft=True``)."""
+        probs = self._probability_table(
+            adata, lambda mb: self.module.classify(self.module.encode(mb)[0]), batch_size, indices
+        )
+        return self._labels_or_table(probs, soft)

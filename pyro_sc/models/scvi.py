@@ -245,7 +245,7 @@ class SCVI(BaseModel):
         early_stopping: bool = False,
         train_size: float = 0.9,
         seed: int | None = 0,
-        device: str = "cpu",
+        device: str = "auto",
         progress_bar: bool = True,
         **fit_kwargs,
     ) -> pd.DataFrame:
@@ -271,13 +271,15 @@ class SCVI(BaseModel):
     # --------------------------------------------------------------------------------------- queries
     @torch.no_grad()
     def get_latent_representation(
-        self, adata: AnnData | None = None, *, give_mean: bool = True, batch_size: int = 1024
+        self, adata: AnnData | None = None, *, indices: Sequence[int] | np.ndarray | None = None,
+        give_mean: bool = True, batch_size: int = 1024,
     ) -> np.ndarray:
-        """The posterior mean of z (or one sample, ``give_mean=False``) for every cell: (cells, n_latent)."""
+        """The posterior mean of z (or one sample, ``give_mean=False``) for every cell of ``adata``
+        (default: the training data; ``indices``: those cells, positions or a boolean mask): (cells, n_latent)."""
         self._check_trained()
-        setup = self._setup_for(adata)
+        setup, cells = self._query_cells(adata, indices)
         out = []
-        for mb in self._minibatches(setup, batch_size):
+        for mb in self._minibatches(setup, batch_size, cells):
             loc_nk, scale_nk = self.module.encode(mb)
             out.append(loc_nk if give_mean else dist.Normal(loc_nk, scale_nk).sample())
         return torch.cat(out).cpu().numpy()
@@ -287,6 +289,7 @@ class SCVI(BaseModel):
         self,
         adata: AnnData | None = None,
         *,
+        indices: Sequence[int] | np.ndarray | None = None,
         library_size: float = 1.0,
         n_samples: int = 1,
         transform_batch: str | None = None,
@@ -298,9 +301,10 @@ class SCVI(BaseModel):
 
         With ``n_samples > 1`` z is sampled from the guide; ``return_mean=False`` then returns an array
         (n_samples, cells, genes), otherwise the mean over samples as a DataFrame (cells x genes).
+        ``indices`` selects cells of ``adata`` (positions or a boolean mask; default all).
         """
         self._check_trained()
-        setup = self._setup_for(adata)
+        setup, cells = self._query_cells(adata, indices)
         genes = setup.var_names
         gene_idx = np.arange(setup.n_vars) if gene_list is None else genes.get_indexer(list(gene_list))
         if (gene_idx < 0).any():
@@ -311,7 +315,7 @@ class SCVI(BaseModel):
                 raise KeyError(f"unknown batch {transform_batch!r}; known: {known}")
             batch_code = int(setup.batch_categories.get_loc(transform_batch))
         out = []
-        for mb in self._minibatches(setup, batch_size):
+        for mb in self._minibatches(setup, batch_size, cells):
             loc_nk, scale_nk = self.module.encode(mb)
             z_snk = dist.Normal(loc_nk, scale_nk).sample((n_samples,)) if n_samples > 1 else loc_nk[None]
             batch_n = self.module._batch(mb) if transform_batch is None else torch.full_like(mb.idx_n, batch_code)
@@ -320,7 +324,7 @@ class SCVI(BaseModel):
         rho_sng = torch.cat(out, dim=1).cpu().numpy()
         if not return_mean:
             return rho_sng
-        return pd.DataFrame(rho_sng.mean(0), index=setup.obs_names, columns=genes[gene_idx])
+        return pd.DataFrame(rho_sng.mean(0), index=setup.obs_names[cells], columns=genes[gene_idx])
 
     def differential_expression(self, adata: AnnData | None = None, **kwargs) -> pd.DataFrame:
         """Differential expression between two groups of cells (``groupby``, ``group1``, ``group2``, ...).

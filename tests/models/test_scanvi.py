@@ -59,21 +59,24 @@ def scvi(simulated):
 
 @pytest.fixture(scope="module")
 def trained(scvi):
-    model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    model = pyro_sc.SCANVI.from_scvi_model(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
     model.train(max_epochs=15, progress_bar=False, seed=0)
     return model
 
 
 def test_from_scvi_starts_from_the_scvi_and_predicts_hidden_labels(simulated, scvi, trained):
     adata, hidden_n, truth_n = simulated
-    fresh = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    fresh = pyro_sc.SCANVI.from_scvi_model(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
     fresh.history = pd.DataFrame()  # the latent of the copied encoder, before any training
     np.testing.assert_array_equal(fresh.get_latent_representation(), scvi.get_latent_representation())
 
-    probs = trained.predict()
+    probs = trained.predict(soft=True)
     assert list(probs.columns) == [f"type_{t}" for t in range(4)] and probs.index.equals(adata.obs_names)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
-    predicted_n = trained.predict_labels().to_numpy()
+    predicted_n = trained.predict()  # scvi-tools' default: the labels, an array to put in adata.obs
+    assert isinstance(predicted_n, np.ndarray) and predicted_n.shape == (adata.n_obs,)
+    np.testing.assert_array_equal(predicted_n, probs.idxmax(axis=1).to_numpy())
+    np.testing.assert_array_equal(predicted_n, trained.predict_labels().to_numpy())
     assert metrics.accuracy(truth_n[hidden_n], predicted_n[hidden_n]) > 0.95
     history = trained.history
     assert history["extra_loss"].iloc[-1] < history["extra_loss"].iloc[0]  # the classification term learns
@@ -84,10 +87,10 @@ def test_from_scvi_then_train_depends_on_the_seed_not_on_what_ran_before(scvi):
     runs = []
     for noise in (0, 1000):
         torch.randn(noise)  # other work using the global random state before the model is made
-        model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+        model = pyro_sc.SCANVI.from_scvi_model(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
         with deterministic_kernels():  # bit for bit whatever the number of threads (see there)
             model.train(max_epochs=2, progress_bar=False, seed=3)
-        runs.append((model.module.state_dict(), model.predict()))
+        runs.append((model.module.state_dict(), model.predict(soft=True)))
     assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
     pd.testing.assert_frame_equal(runs[0][1], runs[1][1], check_exact=True)
     # the encoder still starts as the scVI's after the seeded rebuild: the first epoch's loss is far
@@ -127,11 +130,40 @@ def test_training_from_scratch_and_save_load(simulated, tmp_path):
     path = tmp_path / "scanvi.pt"
     model.save(path)
     loaded = pyro_sc.SCANVI.load(path, adata)
-    pd.testing.assert_frame_equal(loaded.predict(), model.predict())
+    pd.testing.assert_frame_equal(loaded.predict(soft=True), model.predict(soft=True))
     # new cells without the labels column are predicted too
     query = adata[:50].copy()
     del query.obs["seed_labels"]
-    pd.testing.assert_frame_equal(model.predict(query), model.predict()[:50])
+    pd.testing.assert_frame_equal(model.predict(query, soft=True), model.predict(soft=True)[:50])
+
+
+def test_queries_take_indices_as_scvi_tools(simulated, trained):
+    adata, _, _ = simulated
+    some = np.array([7, 3, 40, 3])
+    mask = np.zeros(adata.n_obs, dtype=bool)
+    mask[[3, 7, 40]] = True
+    probs = trained.predict(soft=True)
+    pd.testing.assert_frame_equal(trained.predict(indices=some, soft=True), probs.iloc[some])
+    np.testing.assert_array_equal(trained.predict(indices=mask), trained.predict()[mask])
+    np.testing.assert_array_equal(trained.get_latent_representation(indices=some),
+                                  trained.get_latent_representation()[some])
+    expression = trained.get_normalized_expression()
+    pd.testing.assert_frame_equal(trained.get_normalized_expression(indices=mask), expression[mask])
+    assert np.isfinite(trained.get_marginal_ll(indices=some, n_samples=2))
+    with pytest.raises(IndexError, match=rf"indices must be positions in \[0, {adata.n_obs}\), got 3 .. {adata.n_obs}"):
+        trained.predict(indices=[3, adata.n_obs])
+    with pytest.raises(ValueError, match=rf"a boolean indices mask needs one entry per cell \({adata.n_obs}\), got shape \(3,\)"):
+        trained.predict(indices=[True, False, True])
+    with pytest.raises(TypeError, match="indices must be a 1-d sequence of integer positions or a boolean mask"):
+        trained.predict(indices=["a", "b"])
+    with pytest.raises(ValueError, match="indices selects no cells"):
+        trained.predict(indices=np.zeros(adata.n_obs, dtype=bool))
+
+
+def test_from_scvi_is_an_alias_of_from_scvi_model_with_scvi_tools_argument_order(scvi):
+    assert pyro_sc.SCANVI.from_scvi.__func__ is pyro_sc.SCANVI.from_scvi_model.__func__
+    model = pyro_sc.SCANVI.from_scvi_model(scvi, "Unknown", labels_key="seed_labels")
+    assert model.setup.unlabeled_category == "Unknown" and model.pretrained
 
 
 def test_bad_input(simulated, scvi):
@@ -145,14 +177,14 @@ def test_bad_input(simulated, scvi):
     with pytest.raises(ValueError, match="class_weights"):
         pyro_sc.SCANVI(adata, labels_key="seed_labels", unlabeled_category="Unknown", class_weights="yes")
     with pytest.raises(TypeError, match="trained pyro_sc.SCVI"):
-        pyro_sc.SCANVI.from_scvi("scvi", labels_key="seed_labels", unlabeled_category="Unknown")
+        pyro_sc.SCANVI.from_scvi_model("scvi", labels_key="seed_labels", unlabeled_category="Unknown")
     other = adata.copy()
     other.obs["batch"] = other.obs["batch"].astype(str).replace({"batch_1": "batch_0"})
     with pytest.raises(DataError, match="batch"):
-        pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown", adata=other)
+        pyro_sc.SCANVI.from_scvi_model(scvi, labels_key="seed_labels", unlabeled_category="Unknown", adata=other)
     untrained = pyro_sc.SCVI(adata, batch_key="batch")
     with pytest.raises(RuntimeError, match="not trained"):
-        pyro_sc.SCANVI.from_scvi(untrained, labels_key="seed_labels", unlabeled_category="Unknown")
+        pyro_sc.SCANVI.from_scvi_model(untrained, labels_key="seed_labels", unlabeled_category="Unknown")
 
 
 @pytest.mark.slow
@@ -163,7 +195,7 @@ def test_cellbench_cell_lines_from_five_percent_of_labels(real_data):
     adata, hidden_n, truth_n = with_hidden_labels(adata, 0.05, seed=0, key="cell_line_demuxlet")
     scvi = pyro_sc.SCVI(adata, batch_key="batch")
     scvi.train(max_epochs=100, progress_bar=False, seed=0)
-    model = pyro_sc.SCANVI.from_scvi(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
+    model = pyro_sc.SCANVI.from_scvi_model(scvi, labels_key="seed_labels", unlabeled_category="Unknown")
     model.train(max_epochs=30, progress_bar=False, seed=0)
     predicted_n = model.predict_labels().to_numpy()
     assert metrics.accuracy(truth_n[hidden_n], predicted_n[hidden_n]) > 0.95
