@@ -52,11 +52,11 @@ returns a table with its column names and order: ``proba_de``, ``proba_not_de``,
 ``comparison``, ``group1``, ``group2``; rows indexed by gene, most probably DE first within each
 comparison, the comparisons concatenated. Deliberate differences:
 
-* **Default mode.** scvi-tools' ``differential_expression`` defaults to ``mode="vanilla"`` (its ``delta``
-  default, 0.25, is then unused); pyro_sc defaults to ``mode="change"`` with :math:`\delta = 0.25`, the
-  test of Boyeau et al. (2019): two-sided, with an effect size below which a change does not count, and
-  the only mode in which scvi-tools computes its FDR flag. Pass ``mode="vanilla"`` for scvi-tools'
-  default.
+* **Default mode.** As scvi-tools, :func:`differential_expression` defaults to ``mode="vanilla"`` (one-sided:
+  ``proba_de`` near 0 for genes down in group 1); ``mode="change"`` (``delta`` 0.25 by default) is the
+  test of Boyeau et al. (2019), two-sided with an effect size below which a change does not count,
+  usually the better choice for ranking and calling genes. :func:`de_from_samples` (arrays, no model)
+  defaults to ``"change"``.
 * **Pseudocount.** pyro_sc's default is :math:`\epsilon = 0`: ``lfc_*`` are the fold changes of the
   decoded expression itself, and every comparison of a call uses the same :math:`\epsilon`, so
   one-vs-rest blocks are comparable. scvi-tools 1.1 documents ``pseudocounts=0.0`` too; its current
@@ -489,7 +489,7 @@ def differential_expression(
     group2=None,
     idx1=None,
     idx2=None,
-    mode: Mode = "change",
+    mode: Mode = "vanilla",
     delta: float = 0.25,
     fdr_target: float = 0.05,
     all_stats: bool = True,
@@ -531,7 +531,8 @@ def differential_expression(
     idx1, idx2
         Cells of group 1 and group 2 instead of ``groupby``.
     mode
-        ``"change"`` (default here; scvi-tools' default is ``"vanilla"``) or ``"vanilla"``.
+        ``"vanilla"`` (default, as scvi-tools): ``proba_de`` :math:`= P(\rho^1_g > \rho^2_g)`, one-sided;
+        ``"change"``: :math:`P(|r_g| \ge \delta)`, two-sided with an effect size (often the better test).
     delta
         :math:`\delta`, the smallest absolute log2 fold change that counts as DE (``"change"``), 0.25 as
         scvi-tools.

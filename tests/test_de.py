@@ -236,13 +236,13 @@ def trained_groups():
 @pytest.fixture(scope="module")
 def one_vs_rest(trained_groups):
     model, _, _ = trained_groups
-    return model.differential_expression(groupby="group")
+    return model.differential_expression(mode="change", groupby="group")
 
 
 @pytest.fixture(scope="module")
 def a_vs_b(trained_groups):
     model, _, _ = trained_groups
-    return model.differential_expression(groupby="group", group1="A", group2="B")
+    return model.differential_expression(mode="change", groupby="group", group1="A", group2="B")
 
 
 def counts_of(adata):
@@ -265,7 +265,7 @@ def test_one_vs_rest_gives_one_block_per_group_with_its_de_genes_on_top(trained_
     # the unused category D is skipped; blocks in category order
     assert res["comparison"].unique().tolist() == ["A vs Rest", "B vs Rest", "C vs Rest"]
     assert len(res) == 3 * adata.n_vars
-    assert (res["pseudocounts"] == 0).all() and (res["delta"] == 0.25).all()  # the defaults
+    assert (res["pseudocounts"] == 0).all() and (res["delta"] == 0.25).all()  # change mode's defaults
     for group in GROUPS:
         block = res[res["comparison"] == f"{group} vs Rest"]
         assert (block["group1"] == group).all() and (block["group2"] == "Rest").all()
@@ -307,7 +307,7 @@ def test_two_groups_recover_the_simulated_de_genes_at_the_target_fdr(trained_gro
     lfc = true_lfc(logits, "A", "B")
     assert list(a_vs_b.columns) == CHANGE_COLUMNS
     assert (a_vs_b["comparison"] == "A vs B").all() and (a_vs_b["group2"] == "B").all()
-    res = model.differential_expression(groupby="group", group1="A", group2="B", delta=0.5)
+    res = model.differential_expression(mode="change", groupby="group", group1="A", group2="B", delta=0.5)
     assert (res["delta"] == 0.5).all()
     is_de = (lfc.abs() >= 1).reindex(res.index)
     assert is_de.sum() == 16  # the pairs of A and of B
@@ -331,12 +331,12 @@ def test_two_groups_recover_the_simulated_de_genes_at_the_target_fdr(trained_gro
 def test_lists_group2_and_cell_indices(trained_groups, one_vs_rest, a_vs_b):
     model, adata, _ = trained_groups
     # a comparison gives the same table alone or among others (its seed follows its label)
-    alone = model.differential_expression(groupby="group", group1="B")
+    alone = model.differential_expression(mode="change", groupby="group", group1="B")
     pd.testing.assert_frame_equal(alone, one_vs_rest[one_vs_rest["comparison"] == "B vs Rest"])
-    listed = model.differential_expression(groupby="group", group1=["C", "A"], group2="B")
+    listed = model.differential_expression(mode="change", groupby="group", group1=["C", "A"], group2="B")
     assert listed["comparison"].unique().tolist() == ["C vs B", "A vs B"]
     pd.testing.assert_frame_equal(listed[listed["comparison"] == "A vs B"], a_vs_b)
-    against_b = model.differential_expression(groupby="group", group2="B")  # every other group vs B
+    against_b = model.differential_expression(mode="change", groupby="group", group2="B")  # every other group vs B
     assert against_b["comparison"].unique().tolist() == ["A vs B", "C vs B"]
     for name in ("A vs B", "C vs B"):
         pd.testing.assert_frame_equal(
@@ -344,15 +344,15 @@ def test_lists_group2_and_cell_indices(trained_groups, one_vs_rest, a_vs_b):
         )
     # idx1 / idx2: a mask, positions or a query; no comparison columns (as scvi-tools)
     in_a, in_b = (adata.obs["group"] == "A").to_numpy(), (adata.obs["group"] == "B").to_numpy()
-    by_index = model.differential_expression(idx1=in_a, idx2=np.flatnonzero(in_b))
+    by_index = model.differential_expression(mode="change", idx1=in_a, idx2=np.flatnonzero(in_b))
     assert list(by_index.columns) == CHANGE_COLUMNS[:-3]
     pd.testing.assert_frame_equal(by_index[RAW].loc[adata.var_names], a_vs_b[RAW].loc[adata.var_names])
-    by_query = model.differential_expression(idx1="group == 'A'", idx2="group == 'B'")
+    by_query = model.differential_expression(mode="change", idx1="group == 'A'", idx2="group == 'B'")
     pd.testing.assert_frame_equal(by_query, by_index)
     a_vs_rest = one_vs_rest[one_vs_rest["group1"] == "A"]
-    rest = model.differential_expression(idx1=in_a, all_stats=True, n_samples=1, cells_per_group=50)
+    rest = model.differential_expression(mode="change", idx1=in_a, all_stats=True, n_samples=1, cells_per_group=50)
     pd.testing.assert_frame_equal(rest[RAW].loc[adata.var_names], a_vs_rest[RAW].loc[adata.var_names])
-    no_raw = model.differential_expression(idx1=in_a, all_stats=False, n_samples=1, cells_per_group=50)
+    no_raw = model.differential_expression(mode="change", idx1=in_a, all_stats=False, n_samples=1, cells_per_group=50)
     assert not set(RAW) & set(no_raw.columns)
 
 
@@ -363,7 +363,7 @@ def test_sparse_dense_and_backed_counts_give_the_same_table(tmp_path):
     model = pyro_sc.SCVI(adata, likelihood="nb", n_latent=2, n_hidden=16)
     with one_thread():
         model.train(max_epochs=2, batch_size=64, progress_bar=False, seed=0)
-    options = dict(groupby="group", n_samples=2, cells_per_group=20, n_pairs=500)
+    options = dict(groupby="group", mode="change", n_samples=2, cells_per_group=20, n_pairs=500)
     sparse = model.differential_expression(**options)
     dense = adata.copy()
     dense.X = dense.X.toarray()
@@ -447,7 +447,7 @@ def test_ifnb_monocyte_and_b_cell_markers(real_data):
         model.train(max_epochs=100, progress_bar=False, seed=0)
     # a pseudocount of ~1 count in 10,000 keeps genes near zero in one group (rho ~ 1e-5) from dominating
     # the ranking by fold change; CD14 is also down in stimulated monocytes, which widens its lfc
-    res = model.differential_expression(groupby="cell_type", group1="CD14 Mono", group2="B", pseudocount=1e-4)
+    res = model.differential_expression(mode="change", groupby="cell_type", group1="CD14 Mono", group2="B", pseudocount=1e-4)
     called = res[res[FLAG]]
     up_mono = called.sort_values("lfc_mean", ascending=False)
     up_b = called.sort_values("lfc_mean")
@@ -469,3 +469,11 @@ def test_ifnb_monocyte_and_b_cell_markers(real_data):
     for gene in ("MS4A1", "CD79A"):
         if gene in adata.var_names:
             assert gene in top_b.index, (gene, res.loc[gene])
+
+
+def test_the_default_mode_is_scvi_tools_vanilla(trained_groups):
+    model, _, logits = trained_groups
+    default = model.differential_expression(groupby="group", group1="A", group2="B")
+    explicit = model.differential_expression(groupby="group", group1="A", group2="B", mode="vanilla")
+    pd.testing.assert_frame_equal(default, explicit)
+    assert "delta" not in default.columns

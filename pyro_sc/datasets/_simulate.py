@@ -68,6 +68,9 @@ def simulate_scvi(
     zero_inflation: float = 0.0,
     mean_library: float = 2000.0,
     batch_effect: float = 0.5,
+    n_donors: int = 0,
+    donor_effect: float = 1.0,
+    continuous_effect: float = 0.0,
     seed: int = 0,
 ) -> AnnData:
     """Counts from scVI's generative model with a known latent structure.
@@ -75,8 +78,15 @@ def simulate_scvi(
     Cell types are clusters in a ``n_latent``-dimensional latent space; a random linear decoder plus a
     per-batch gene offset, softmax over genes, log-normal library sizes and NB (optionally
     zero-inflated) noise give the counts. ``obs``: ``cell_type``, ``batch``; ``obsm["z_true"]``.
+
+    Nuisance covariates, independent of the types: with ``n_donors > 0`` each cell's donor
+    (``obs["donor"]``) adds a gene offset drawn N(0, ``donor_effect``²) to the decoder's logits; with
+    ``continuous_effect > 0`` a score ``obs["nuisance"]`` ~ U(-1, 1) (like a percent mitochondrial or
+    cell-cycle score) adds ``nuisance * beta_g``, beta_g ~ N(0, ``continuous_effect``²), stored in
+    ``var["nuisance_beta"]``. They are drawn from their own stream, so the rest does not depend on them.
     """
     rng = np.random.default_rng(seed)
+    nuisance_rng = np.random.default_rng([seed, 1])
     centres_tk = rng.normal(0, 2.0, size=(n_types, n_latent))
     type_n = rng.integers(0, n_types, size=n_cells)
     z_nk = centres_tk[type_n] + rng.normal(0, 0.5, size=(n_cells, n_latent))
@@ -85,6 +95,17 @@ def simulate_scvi(
     offset_g = rng.normal(0, 1.0, size=n_genes)
     batch_bg = rng.normal(0, batch_effect, size=(n_batches, n_genes))
     logits_ng = z_nk @ w_kg + offset_g + batch_bg[batch_n]
+    obs_nuisance, var_nuisance = {}, {}
+    if n_donors > 0:
+        donor_n = nuisance_rng.integers(0, n_donors, size=n_cells)
+        logits_ng = logits_ng + nuisance_rng.normal(0, donor_effect, size=(n_donors, n_genes))[donor_n]
+        obs_nuisance["donor"] = pd.Categorical([f"donor_{d}" for d in donor_n])
+    if continuous_effect > 0:
+        u_n = nuisance_rng.uniform(-1, 1, size=n_cells)
+        beta_g = nuisance_rng.normal(0, continuous_effect, size=n_genes)
+        logits_ng = logits_ng + u_n[:, None] * beta_g
+        obs_nuisance["nuisance"] = u_n
+        var_nuisance["nuisance_beta"] = beta_g
     rho_ng = np.exp(logits_ng - logits_ng.max(1, keepdims=True))
     rho_ng /= rho_ng.sum(1, keepdims=True)
     library_n = rng.lognormal(np.log(mean_library), 0.3, size=n_cells)
@@ -98,10 +119,11 @@ def simulate_scvi(
         {
             "cell_type": pd.Categorical([f"type_{t}" for t in type_n]),
             "batch": pd.Categorical([f"batch_{b}" for b in batch_n]),
+            **obs_nuisance,
         },
         index=[f"cell_{i}" for i in range(n_cells)],
     )
-    var = pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)])
+    var = pd.DataFrame(var_nuisance, index=[f"gene_{g}" for g in range(n_genes)])
     adata = AnnData(sp.csr_matrix(x_ng.astype(np.float32)), obs=obs, var=var)
     adata.obsm["z_true"] = z_nk.astype(np.float32)
     return adata

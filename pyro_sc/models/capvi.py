@@ -56,7 +56,7 @@ from ..nn import MLP, GaussianEncoder
 from ..infer import TrainingPlan
 from ._base import BaseModel, LabelsOrProbabilities
 from .scanvi import known_labels_as_point_masses, without_labels
-from .scvi import Likelihood, SCVIModule
+from .scvi import Likelihood, SCVIModule, covariate_sizes
 
 __all__ = ["CAPVI", "CAPVIModule"]
 
@@ -85,13 +85,17 @@ class CAPVIModule(SCVIModule):
         dropout_rate: float = 0.1,
         likelihood: Likelihood = "zinb",
         class_weight_c: Sequence[float] | None = None,
+        n_cats_per_cov: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        use_size_factor: bool = False,
         library_log_means: Sequence[float] | None = None,
         library_log_vars: Sequence[float] | None = None,
     ):
         super().__init__(
             n_genes, n_batch=n_batch, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
             dropout_rate=dropout_rate, likelihood=likelihood, dispersion="gene-batch", latent_library=True,
-            encode_covariates=True, library_log_means=library_log_means, library_log_vars=library_log_vars,
+            encode_covariates=True, n_cats_per_cov=n_cats_per_cov, n_continuous_cov=n_continuous_cov,
+            use_size_factor=use_size_factor, library_log_means=library_log_means, library_log_vars=library_log_vars,
         )
         if n_labels < 2:
             raise ValueError(f"capVI needs at least 2 cell types, got {n_labels}")
@@ -99,8 +103,8 @@ class CAPVIModule(SCVIModule):
             raise ValueError(f"sigma must be positive, got {sigma}")
         self.n_labels, self.sigma = n_labels, float(sigma)
         self.z_encoder = GaussianEncoder(
-            n_genes, n_latent, n_hidden=n_hidden, n_layers=n_layers, n_cat_list=[n_labels, n_batch],
-            dropout_rate=dropout_rate,
+            n_genes, n_latent, n_hidden=n_hidden, n_layers=n_layers, n_cat_list=[n_labels, n_batch, *self.n_cats_per_cov],
+            n_cont=self.n_continuous_cov, dropout_rate=dropout_rate,
         )
         self.classifier = nn.Sequential(
             MLP(n_genes, n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate), nn.Linear(n_hidden, n_labels)
@@ -118,7 +122,8 @@ class CAPVIModule(SCVIModule):
     def encode_z(self, mb: Minibatch, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and scale of q(z | x, c, s) for types ``c`` broadcasting against the cells, e.g. the
         enumerated (C, 1): (C, cells, n_latent)."""
-        return self.z_encoder(torch.log1p(mb.x_ng), c, self._batch(mb))
+        cats, cont_nk = self._encoder_inputs(mb)  # the batch and the covariates
+        return self.z_encoder(torch.log1p(mb.x_ng), c, *cats, cont=cont_nk)
 
     def _labels(self, mb: Minibatch, use_labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
         y_n = mb.y_n if (use_labels and mb.y_n is not None) else None
@@ -136,9 +141,8 @@ class CAPVIModule(SCVIModule):
             )
             with poutine.scale(scale=mb.kl_weight):
                 z_nk = pyro.sample("z", dist.Normal(self.mu_ck[c_n], self.sigma).to_event(1))
-            scale_n = self.library_log_var_b[batch_n].sqrt()  # the library's KL is not annealed (as scVI's)
-            l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
-            rho_ng, zi_logits_ng = self.decode(z_nk, batch_n)  # (C, cells, genes) for enumerated c
+            l_n = self.library(mb, batch_n)  # the library's KL is not annealed (as scVI's)
+            rho_ng, zi_logits_ng = self.decode(z_nk, batch_n, self.covariates(mb))  # (C, cells, genes) for enumerated c
             mu_ng = l_n.unsqueeze(-1) * rho_ng
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
@@ -150,8 +154,7 @@ class CAPVIModule(SCVIModule):
             with poutine.scale(scale=mb.kl_weight):
                 loc_nk, scale_nk = self.encode_z(mb, c_n)
                 pyro.sample("z", dist.Normal(loc_nk, scale_nk).to_event(1))
-            l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), self._batch(mb))
-            pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
+            self.guide_library(mb)
 
     def classifier_model(self, mb: Minibatch):
         """Stage 1's objective: the class-weighted log-likelihood of the labelled cells' types under q(c | x),
@@ -193,6 +196,11 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         As :class:`pyro_sc.SCVI` (dispersion per gene and batch, library size latent, batch given to
         the encoders: the same architecture as ``SCVI(dispersion="gene-batch", latent_library=True,
         encode_covariates=True)``).
+    categorical_covariate_keys, continuous_covariate_keys
+        Nuisance covariates, as :class:`pyro_sc.SCVI`; given to the decoder and (as the batch) to the
+        encoders.
+    size_factor_key
+        A numeric ``obs`` column of library sizes, observed in place of capVI's latent library size.
 
     Examples
     --------
@@ -216,9 +224,14 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         likelihood: Likelihood = "zinb",
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        size_factor_key: str | None = None,
     ):
         setup = AnnDataSetup(
-            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category
+            adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category,
+            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
+            size_factor_key=size_factor_key,
         )
         if penalty < 0:
             raise ValueError(f"penalty must be >= 0, got {penalty}")
@@ -235,7 +248,7 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         weight_c = np.where(counts_c > 0, counts_c.sum() / (setup.n_labels * np.maximum(counts_c, 1)), 0.0)
         return CAPVIModule(
             setup.n_vars, n_labels=setup.n_labels, n_batch=setup.n_batch, class_weight_c=weight_c,
-            library_log_means=means, library_log_vars=vars_, **kwargs,
+            library_log_means=means, library_log_vars=vars_, **covariate_sizes(setup), **kwargs,
         )
 
     def _elbo(self) -> ELBO:

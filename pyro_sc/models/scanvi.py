@@ -51,7 +51,7 @@ from torch import nn
 from ..data import AnnDataSetup, DataError, Minibatch
 from ..nn import MLP, GaussianEncoder
 from ._base import BaseModel, LabelsOrProbabilities
-from .scvi import SCVI, Dispersion, Likelihood, SCVIModule
+from .scvi import SCVI, Dispersion, Likelihood, SCVIModule, check_library_options, covariate_sizes
 
 __all__ = ["SCANVI", "SCANVIModule", "known_labels_as_point_masses", "without_labels"]
 
@@ -144,12 +144,8 @@ class SCANVIModule(SCVIModule):
                 z2_nk = pyro.sample("z2", dist.Normal(mb.x_ng.new_zeros(self.n_latent), 1.0).to_event(1))
                 loc_nk, scale_nk = self.z1_prior_net(z2_nk, y_n)  # broadcasts over the enumerated y
                 z1_nk = pyro.sample("z1", dist.Normal(loc_nk, scale_nk).to_event(1))
-            if self.latent_library:  # the library's KL is not annealed (as scvi-tools)
-                scale_n = self.library_log_var_b[batch_n].sqrt()
-                l_n = pyro.sample("l", dist.LogNormal(self.library_log_mean_b[batch_n], scale_n))
-            else:
-                l_n = mb.x_ng.sum(-1)
-            rho_ng, zi_logits_ng = self.decode(z1_nk, batch_n)
+            l_n = self.library(mb, batch_n)
+            rho_ng, zi_logits_ng = self.decode(z1_nk, batch_n, self.covariates(mb))
             mu_ng = l_n.unsqueeze(-1) * rho_ng
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
@@ -159,10 +155,7 @@ class SCANVIModule(SCVIModule):
             with poutine.scale(scale=mb.kl_weight):
                 loc_nk, scale_nk = self.encode(mb)
                 z1_nk = pyro.sample("z1", dist.Normal(loc_nk, scale_nk).to_event(1))
-            if self.latent_library:
-                cats = [self._batch(mb)] if self.encode_covariates else []
-                l_loc, l_scale = self.l_encoder(torch.log1p(mb.x_ng), *cats)
-                pyro.sample("l", dist.LogNormal(l_loc.squeeze(-1), l_scale.squeeze(-1)))
+            self.guide_library(mb)
             logits_nc = known_labels_as_point_masses(self.classify(z1_nk), y_obs_n, labelled_n)
             y_n = pyro.sample("y_unobserved", dist.Categorical(logits=logits_nc), infer={"enumerate": "parallel"})
             with poutine.scale(scale=mb.kl_weight):
@@ -180,7 +173,7 @@ class SCANVI(SCVI, LabelsOrProbabilities):
     labels_key, unlabeled_category
         The ``obs`` column of cell types, and its value for cells whose type is unknown.
     batch_key, layer, likelihood, dispersion, n_latent, n_hidden, n_layers, dropout_rate,
-    latent_library, encode_covariates
+    latent_library, categorical_covariate_keys, continuous_covariate_keys, size_factor_key, encode_covariates
         As :class:`pyro_sc.SCVI`.
     allow_non_integer
         Accept non-integer counts (e.g. ambient-corrected).
@@ -225,15 +218,20 @@ class SCANVI(SCVI, LabelsOrProbabilities):
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         latent_library: bool = False,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        size_factor_key: str | None = None,
         encode_covariates: bool = False,
         classification_ratio: float = 50.0,
         class_weights: str | None = None,
         label_prior: str = "labelled",
         allow_non_integer: bool = False,
     ):
+        check_library_options(latent_library, size_factor_key)
         setup = AnnDataSetup(
             adata, layer=layer, batch_key=batch_key, labels_key=labels_key, unlabeled_category=unlabeled_category,
-            allow_non_integer=allow_non_integer,
+            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
+            size_factor_key=size_factor_key, allow_non_integer=allow_non_integer,
         )
         BaseModel.__init__(
             self, setup, likelihood=likelihood, dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden,
@@ -249,7 +247,7 @@ class SCANVI(SCVI, LabelsOrProbabilities):
         counts_y = np.bincount(setup.label_codes_n[setup.label_codes_n >= 0], minlength=setup.n_labels) + 1.0
         return SCANVIModule(
             setup.n_vars, n_labels=setup.n_labels, n_batch=setup.n_batch, library_log_means=means,
-            library_log_vars=vars_, label_proportions=counts_y / counts_y.sum(), **kwargs,
+            library_log_vars=vars_, label_proportions=counts_y / counts_y.sum(), **covariate_sizes(setup), **kwargs,
         )
 
     @classmethod
@@ -292,13 +290,19 @@ class SCANVI(SCVI, LabelsOrProbabilities):
             AnnDataSetup.from_registry(adata, {**registry, "labels_key": None})  # same genes, known batches
         model = cls(
             adata, labels_key=labels_key, unlabeled_category=unlabeled_category, batch_key=registry["batch_key"],
-            layer=registry["layer"], allow_non_integer=registry["allow_non_integer"], **architecture, **options,
+            layer=registry["layer"], allow_non_integer=registry["allow_non_integer"],
+            categorical_covariate_keys=registry["categorical_covariate_keys"],
+            continuous_covariate_keys=registry["continuous_covariate_keys"], size_factor_key=registry["size_factor_key"],
+            **architecture, **options,
         )
         mine, theirs = (
             [] if s.batch_categories is None else list(s.batch_categories) for s in (model.setup, scvi_model.setup)
         )
         if mine != theirs:
             raise DataError(f"the batches of this AnnData {mine} differ from the scVI's {theirs}")
+        mine, theirs = (s.registry()["categorical_covariate_categories"] for s in (model.setup, scvi_model.setup))
+        if mine != theirs:
+            raise DataError(f"the categorical covariates of this AnnData {mine} differ from the scVI's {theirs}")
         # the copied parameters are kept to be copied again when the first seeded train() rebuilds the
         # module: the new networks then start from the training seed, whatever ran before
         model._copied_state = {k: v.detach().clone() for k, v in scvi_model.module.state_dict().items()}
@@ -309,17 +313,29 @@ class SCANVI(SCVI, LabelsOrProbabilities):
     from_scvi = from_scvi_model
 
     def _init_attributes(self) -> None:
+        super()._init_attributes()
         self.pretrained = False  # set by from_scvi_model: shortens the default training; saved
         self._labelled_batch_size = 128  # the classification term's labelled cells per step (train's batch_size)
 
     def _saved_attributes(self) -> dict:
-        return {"pretrained": self.pretrained}
+        return {**super()._saved_attributes(), "pretrained": self.pretrained}
+
+    @classmethod
+    def _query_labels(cls, adata: AnnData, registry: dict) -> AnnData:
+        # a query without the labels column is unlabelled (its types are what the classifier transfers)
+        if registry["labels_key"] in adata.obs.columns:
+            return adata
+        adata = adata.copy()
+        adata.obs[registry["labels_key"]] = registry["unlabeled_category"]
+        return adata
 
     def _elbo(self) -> ELBO:
         return TraceEnum_ELBO(max_plate_nesting=self.module.max_plate_nesting, strict_enumeration_warning=False)
 
     def _extra_loss(self):
         labelled = np.flatnonzero(self.setup.label_codes_n >= 0)
+        if len(labelled) == 0:  # e.g. an unlabelled query (load_query_data): the ELBO alone
+            return None
         codes = self.setup.label_codes_n[labelled]
         weight_c = None
         if self.module.class_weights == "balanced":
