@@ -455,11 +455,18 @@ class SCVI(BaseModel):
         if self._query is None or self._query["unfrozen"]:
             return super()._run_fit(**options)
         parameters, frozen, hooks = _reference_fixed(self.module, self._query)
+        # the reference's parameters need no gradients (the backward pass then skips what only they need)
+        trained = {id(p) for p in parameters}
+        held = [p for p in self.module.parameters() if p.requires_grad and id(p) not in trained]
+        for p in held:
+            p.requires_grad_(False)
         try:
             return super()._run_fit(parameters=parameters, frozen=[*options.pop("frozen", ()), *frozen], **options)
         finally:
             for hook in hooks:
                 hook.remove()
+            for p in held:
+                p.requires_grad_(True)
 
     def train(
         self,
