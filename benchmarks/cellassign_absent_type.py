@@ -28,19 +28,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cellassign_absent_type.json"))
     args = parser.parse_args()
 
-    import anndata
-    import pandas as pd
-    import scipy.sparse as sp
-
     import pyro_sc
     from pyro_sc import datasets, metrics
 
-    adata, markers, _ = datasets.simulate_cellassign(400, n_other_genes=20, seed=1)
-    absent = [f"absent_marker_{i}" for i in range(4)]
-    markers = pd.concat([markers.assign(absent=0), pd.DataFrame(0, index=absent, columns=[*markers.columns, "absent"])])
-    markers.loc[absent, "absent"] = 1
-    counts = sp.hstack([adata.X, sp.csr_matrix((adata.n_obs, len(absent)), dtype=np.float32)]).tocsr()
-    adata = anndata.AnnData(counts, obs=adata.obs, var=pd.DataFrame(index=[*adata.var_names, *absent]))
+    adata, markers, _ = datasets.simulate_cellassign(400, n_other_genes=20, n_absent_markers=4, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = pyro_sc.CellAssign(adata, markers, size_factor_key="size_factor")

@@ -18,6 +18,7 @@ def simulate_cellassign(
     n_other_genes: int = 200,
     min_delta: float = 2.0,
     phi: float = 5.0,
+    n_absent_markers: int = 0,
     seed: int = 0,
 ) -> tuple[AnnData, pd.DataFrame, pd.DataFrame]:
     """Counts from CellAssign's generative model, with known types and marker effects.
@@ -28,6 +29,10 @@ def simulate_cellassign(
     Returns ``(adata, marker_matrix, true_delta)`` with ``obs["cell_type"]`` the true type and
     ``obs["size_factor"]`` the true size factors (the model's :math:`s_n`; size factors estimated from
     total counts are inflated by each type's own markers when markers are a large share of the genes).
+
+    ``n_absent_markers > 0`` adds a type ``"absent"`` to the marker matrix that no cell has, with that
+    many markers of its own (genes ``absent_marker_*``, zero counts in every cell, appended last): a panel
+    listing more types than the sample holds.
     """
     rng = np.random.default_rng(seed)
     n_types = len(type_fractions)
@@ -54,6 +59,12 @@ def simulate_cellassign(
     adata = AnnData(sp.csr_matrix(x_ng), obs=obs, var=pd.DataFrame(index=genes))
     markers = pd.DataFrame(rho_gc.astype(int), index=genes[:n_markers], columns=types)
     true_delta = pd.DataFrame(delta_gc, index=genes[:n_markers], columns=types)
+    if n_absent_markers > 0:
+        absent = [f"absent_marker_{i}" for i in range(n_absent_markers)]
+        counts = sp.hstack([adata.X, sp.csr_matrix((n_cells, len(absent)), dtype=np.float32)]).tocsr()
+        adata = AnnData(counts, obs=adata.obs, var=pd.DataFrame(index=[*genes, *absent]))
+        markers = pd.concat([markers.assign(absent=0), pd.DataFrame(0, index=absent, columns=[*types, "absent"])])
+        markers.loc[absent, "absent"] = 1
     return adata, markers, true_delta
 
 

@@ -127,14 +127,21 @@ class GuardedStep:
         self.model, self.guide, self.elbo, self.n_train = model, guide, elbo, n_train
         self.params, self.modules, self.optimizer = params, modules, optimizer
         self.extra_loss, self.clip_norm, self.replicas = extra_loss, clip_norm, replicas
+        self._scaled: tuple[int, Callable, Callable] | None = None  # (n_obs, model, guide) under CellsStandFor
+
+    def _pair_for(self, n_obs: int) -> tuple[Callable, Callable]:
+        """The model and guide with the cells standing for the training cells, built once per run."""
+        if self.n_train == n_obs:  # every registered cell trains: nothing to rescale
+            return self.model, self.guide
+        if self._scaled is None or self._scaled[0] != n_obs:
+            cells = CellsStandFor(self.n_train / n_obs)
+            self._scaled = (n_obs, cells(self.model), cells(self.guide))
+        return self._scaled[1], self._scaled[2]
 
     def __call__(self, mb: Minibatch, weight: float) -> tuple[float, float] | str:
         saved_buffers = [b.clone() for b in buffers(self.modules)]
-        if self.n_train == mb.n_obs:  # every registered cell trains: nothing to rescale
-            loss = self.elbo.differentiable_loss(self.model, self.guide, mb) / mb.n_obs
-        else:
-            cells = CellsStandFor(self.n_train / mb.n_obs)
-            loss = self.elbo.differentiable_loss(cells(self.model), cells(self.guide), mb) / self.n_train
+        model, guide = self._pair_for(mb.n_obs)
+        loss = self.elbo.differentiable_loss(model, guide, mb) / self.n_train
         extra = self.extra_loss(mb) if self.extra_loss is not None else None
         total = loss if extra is None else loss + extra
         fault = None if torch.isfinite(total) else f"the loss became {total.item()}"
