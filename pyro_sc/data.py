@@ -438,22 +438,27 @@ class AnnDataSetup:
     # ---------------------------------------------------------------------------------------- queries
     @property
     def n_obs(self) -> int:
+        """The number of cells."""
         return self.adata.n_obs
 
     @property
     def n_vars(self) -> int:
+        """The number of genes."""
         return self.adata.n_vars
 
     @property
     def n_batch(self) -> int:
+        """The number of batches (1 without ``batch_key``)."""
         return 1 if self.batch_categories is None else len(self.batch_categories)
 
     @property
     def n_labels(self) -> int:
+        """The number of cell-type labels (0 without ``labels_key``)."""
         return 0 if self.label_categories is None else len(self.label_categories)
 
     @property
     def n_cats_per_covariate(self) -> list[int]:
+        """The number of categories of each categorical covariate, in the order of their keys."""
         return [len(c) for c in self.categorical_covariate_categories.values()]
 
     def _rows(self, idx: np.ndarray):

@@ -75,8 +75,9 @@ which is exactly the negative binomial at :math:`\eta = -\infty`. Its moments ar
 \pi(1 - \pi)\mu^2`.
 
 Parameters are stored as given, never expanded; they broadcast to ``batch_shape``, which is
-``torch.broadcast_shapes`` of their shapes or the target of :meth:`expand`. ``log_prob`` broadcasts the
-value against ``batch_shape``, so parameters with extra leading (e.g. enumeration) dimensions work.
+``torch.broadcast_shapes`` of their shapes or the target of :meth:`~NegativeBinomial.expand`. ``log_prob``
+broadcasts the value against ``batch_shape``, so parameters with extra leading (e.g. enumeration)
+dimensions work.
 
 Reference: C. Loader (2000), "Fast and accurate computation of binomial probabilities".
 """
@@ -383,8 +384,14 @@ def _expand(
 class NegativeBinomial(TorchDistribution):
     """Negative binomial with mean ``mu`` and inverse dispersion ``theta``: Var = mu + mu^2 / theta.
 
-    :param mu: mean, positive.
-    :param theta: inverse dispersion, positive, broadcastable with ``mu`` (e.g. per gene, ``(genes,)``).
+    Parameters
+    ----------
+    mu
+        Mean, positive.
+    theta
+        Inverse dispersion, positive, broadcastable with ``mu`` (e.g. per gene, ``(genes,)``).
+    validate_args
+        Check the parameters and the values given to :meth:`log_prob` (torch's ``validate_args``).
     """
 
     arg_constraints = {"mu": constraints.positive, "theta": constraints.positive}
@@ -398,20 +405,26 @@ class NegativeBinomial(TorchDistribution):
         super().__init__(batch_shape, validate_args=validate_args)
 
     def expand(self, batch_shape: torch.Size, _instance: NegativeBinomial | None = None) -> NegativeBinomial:
+        """The same distribution with batch shape ``batch_shape``; the parameters are not copied."""
         return _expand(self, NegativeBinomial, batch_shape, _instance)
 
     @property
     def mean(self) -> torch.Tensor:
+        """:math:`\\mu`, of shape ``batch_shape``."""
         return self.mu.expand(self.batch_shape)
 
     @property
     def variance(self) -> torch.Tensor:
+        """:math:`\\mu + \\mu^2 / \\theta`, of shape ``batch_shape``."""
         return (self.mu + self.mu.square() / self.theta).expand(self.batch_shape)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Counts of shape ``sample_shape + batch_shape``, drawn as Poisson(Gamma(theta, theta / mu))."""
         return _gamma_poisson_sample(self.mu, self.theta, self._extended_shape(sample_shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log NB(``value`` | mu, theta), with ``value`` broadcast against ``batch_shape``; the formulas and
+        their precision are in the module docstring."""
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)
@@ -427,9 +440,16 @@ class NegativeBinomial(TorchDistribution):
 class ZeroInflatedNegativeBinomial(TorchDistribution):
     """``NegativeBinomial(mu, theta)`` mixed with a point mass at zero of weight ``sigmoid(zi_logits)``.
 
-    :param mu: mean of the negative binomial component, positive.
-    :param theta: inverse dispersion of the negative binomial component, positive.
-    :param zi_logits: logits of the probability of an extra zero, real (``-inf`` gives the plain NB).
+    Parameters
+    ----------
+    mu
+        Mean of the negative binomial component, positive.
+    theta
+        Inverse dispersion of the negative binomial component, positive.
+    zi_logits
+        Logits of the probability of an extra zero, real (``-inf`` gives the plain NB).
+    validate_args
+        Check the parameters and the values given to :meth:`log_prob` (torch's ``validate_args``).
     """
 
     arg_constraints = {
@@ -453,19 +473,24 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
     def expand(
         self, batch_shape: torch.Size, _instance: ZeroInflatedNegativeBinomial | None = None
     ) -> ZeroInflatedNegativeBinomial:
+        """The same distribution with batch shape ``batch_shape``; the parameters are not copied."""
         return _expand(self, ZeroInflatedNegativeBinomial, batch_shape, _instance)
 
     @property
     def mean(self) -> torch.Tensor:
+        """:math:`(1 - \\pi)\\mu`, of shape ``batch_shape``."""
         return (torch.sigmoid(-self.zi_logits) * self.mu).expand(self.batch_shape)
 
     @property
     def variance(self) -> torch.Tensor:
+        """:math:`(1 - \\pi)(\\mu + \\mu^2/\\theta) + \\pi(1 - \\pi)\\mu^2`, of shape ``batch_shape``."""
         keep = torch.sigmoid(-self.zi_logits)
         mu2 = self.mu.square()
         return (keep * (self.mu + mu2 / self.theta) + keep * (1 - keep) * mu2).expand(self.batch_shape)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Counts of shape ``sample_shape + batch_shape``: negative binomial draws, each replaced by an
+        extra zero with probability :math:`\\pi`."""
         shape = self._extended_shape(sample_shape)
         counts = _gamma_poisson_sample(self.mu, self.theta, shape)
         with torch.no_grad():
@@ -473,6 +498,8 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
         return counts.masked_fill(extra_zero, 0)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log ZINB(``value`` | mu, theta, zi_logits), with ``value`` broadcast against ``batch_shape``; the
+        formulas are in the module docstring."""
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)

@@ -163,5 +163,7 @@ class GaussianEncoder(nn.Module):
     def forward(
         self, x: torch.Tensor, *cats: torch.Tensor | None, cont: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and scale (positive, at least ``sqrt(var_eps)``) of the Gaussian for input ``x`` and
+        covariates ``cats`` / ``cont`` (as :meth:`MLP.forward`)."""
         h = self.body(x, *cats, cont=cont)
         return self.loc(h), (self.log_var(h).exp() + self.var_eps).sqrt()

@@ -38,7 +38,11 @@ def _env_path(name: str) -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+#: A folder of ready data sets, looked at first (``PYRO_SC_DATA_DIR``; default None).
 data_dir: Path | None = _env_path(DATA_DIR_ENV)
+#: The per-user cache of downloaded and converted data sets, looked at second (``PYRO_SC_CACHE_DIR``).
 cache_dir: Path = _env_path(CACHE_DIR_ENV) or _default_cache_dir()
+#: A mirror of the data sets' original files (``PYRO_SC_BASE_URL``; default None: their public URLs).
 base_url: str | None = os.environ.get(BASE_URL_ENV) or None
+#: Whether a data set in neither place may be downloaded (``PYRO_SC_DOWNLOAD``; default True).
 download: bool = os.environ.get(DOWNLOAD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")

@@ -23,7 +23,8 @@ from .. import __version__
 
 __all__ = ["CHECKPOINT_FORMAT", "Progress", "Checkpointer", "read_checkpoint", "resume_from", "atomic_save"]
 
-CHECKPOINT_FORMAT = 1  # the layout of the files ``fit`` checkpoints to; bumped whenever it changes
+#: The layout of the files ``fit`` checkpoints to; bumped whenever it changes.
+CHECKPOINT_FORMAT = 1
 _KIND = "pyro_sc training checkpoint"
 
 
@@ -87,9 +88,13 @@ class Checkpointer:
         self.every, self.path, self.rank = every, path, rank
 
     def due(self, epoch: int) -> bool:
+        """Whether a checkpoint is to be written after ``epoch`` (every ``every`` epochs, on process 0)."""
         return self.every is not None and epoch % self.every == 0 and self.rank == 0
 
     def write(self, progress: Progress, **state) -> None:
+        """Write ``progress`` and the rest of the run's ``state`` (modules, optimiser, random number
+        generators, ...) to ``path`` (a file, or ``checkpoint.pt`` in a directory), atomically
+        (:func:`atomic_save`)."""
         records = [{k: _plain(v) for k, v in record.items()} for record in progress.records]
         payload = {
             "kind": _KIND, "format_version": CHECKPOINT_FORMAT, "pyro_sc_version": __version__,

@@ -129,6 +129,10 @@ def fit(
         ``torch.cuda.is_available()``, else the CPU), ``"cpu"`` or ``"cuda"`` (or ``"cuda:1"``...): the
         modules are moved there, and each minibatch
         (its rows read on the host) is moved there, sparse counts as a sparse tensor densified on the device.
+    progress_bar
+        Show a progress bar over the epochs (process 0 only).
+    validation_batch_size
+        Cells per minibatch when the validation loss is evaluated (changes no result, only memory and speed).
     on_nonfinite, lr_reduction_factor, max_lr_reductions
         A NaN or inf in the loss or the gradients is caught at the step it appears, before any update.
         ``"raise"``: a :class:`TrainingError` naming the epoch and step; the parameters and buffers hold

@@ -48,8 +48,9 @@ from ..nn import local_params
 
 __all__ = ["BaseModel", "SAVE_FORMAT"]
 
-SAVE_FORMAT = 2  # the layout of the files save() writes; bumped whenever it changes (0: before versioning;
-# 2: the method's own attributes, e.g. CellAssign's restart_losses, SCANVI's pretrained, under "attributes")
+#: The layout of the files ``save()`` writes; bumped whenever it changes (0: before versioning;
+#: 2: the method's own attributes, e.g. CellAssign's restart_losses, SCANVI's pretrained, under "attributes").
+SAVE_FORMAT = 2
 
 
 class BaseModel:
@@ -294,10 +295,12 @@ class BaseModel:
 
     @property
     def adata(self) -> AnnData:
+        """The AnnData the model was built on (registered, never modified)."""
         return self.setup.adata
 
     @property
     def is_trained(self) -> bool:
+        """Whether the model has been trained, or loaded trained (its ``history`` is set)."""
         return self.history is not None
 
     # -------------------------------------------------------------------------------------- training
@@ -431,7 +434,7 @@ class BaseModel:
     # ------------------------------------------------------------------------------ saving, loading
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the parameters, the data registry, the options and the history to one file, with the
-        file format (:data:`SAVE_FORMAT`) and the package version.
+        file format (:data:`~pyro_sc.models._base.SAVE_FORMAT`) and the package version.
 
         A custom guide (:meth:`set_guide`) that is an ``nn.Module`` (an autoguide, a ``PyroModule``) is
         written too, its parameters and how it was built (an autoguide class's name and sites); one that
@@ -477,10 +480,10 @@ class BaseModel:
         as is a ``guide`` for a file saved without one.
 
         The rule for files from other versions: a file of a newer format than this package's
-        :data:`SAVE_FORMAT` is an error (upgrade pyro_sc); formats up to it are read (format 0, written
-        before files were versioned, has the same layout). A file from another package version in a
-        readable format loads with a ``UserWarning``; if that version's parameters no longer fit the
-        method, the error says so. A file of another class is a ``TypeError``.
+        :data:`~pyro_sc.models._base.SAVE_FORMAT` is an error (upgrade pyro_sc); formats up to it are read
+        (format 0, written before files were versioned, has the same layout). A file from another package
+        version in a readable format loads with a ``UserWarning``; if that version's parameters no longer fit
+        the method, the error says so. A file of another class is a ``TypeError``.
         """
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or "class" not in saved or "state_dict" not in saved:

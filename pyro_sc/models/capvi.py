@@ -133,6 +133,8 @@ class CAPVIModule(SCVIModule):
 
     # --------------------------------------------------------------------------------- model, guide
     def model(self, mb: Minibatch, *, use_labels: bool = False):
+        """The generative process of the module docstring: the type c_n (observed for labelled cells when
+        ``use_labels``, else enumerated), z_n from c_n's mode of the prior, the library and the counts."""
         batch_n = self._batch(mb)
         y_obs_n, labelled_n = self._labels(mb, use_labels)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
@@ -147,6 +149,8 @@ class CAPVIModule(SCVIModule):
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
     def guide(self, mb: Minibatch, *, use_labels: bool = False):
+        """q(c_n | x_n) (the known labels as point masses when ``use_labels``, the others enumerated),
+        q(z_n | x_n, c_n) and q(l_n | x_n)."""
         y_obs_n, labelled_n = self._labels(mb, use_labels)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             logits_nc = known_labels_as_point_masses(self.classify(mb), y_obs_n, labelled_n)
@@ -374,7 +378,7 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
 
     @property
     def centroids(self) -> pd.DataFrame:
-        """The prior's modes mu_c: cell types x latent dimensions."""
+        """The prior's modes mu_c, one row per cell type (cell types x latent dimensions)."""
         return pd.DataFrame(self.module.mu_ck.detach().cpu().numpy(), index=self.setup.label_categories)
 
 

@@ -76,18 +76,21 @@ class TruncatedLogNormal(dist.TorchDistribution):
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
+        """The interval ``[low, inf)``."""
         return constraints.greater_than(self.low)
 
     def _alpha(self):
         return (self._log_low - self.loc) / self.scale
 
     def log_prob(self, value):
+        """log LogNormal(value | loc, scale) - log P(X >= low) for ``value >= low``."""
         log_value = value.log()
         normal = dist.Normal(self.loc, self.scale, validate_args=False).log_prob(log_value)
         # log P(X >= low) = log Phi(-alpha), stable in the far tails
         return normal - log_value - torch.special.log_ndtr(-self._alpha())
 
     def rsample(self, sample_shape=torch.Size()):
+        """A reparametrised draw by the inverse CDF of the truncated normal of ``log X``."""
         shape = self._extended_shape(sample_shape)
         u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
         lower = torch.special.ndtr(self._alpha())
@@ -95,6 +98,7 @@ class TruncatedLogNormal(dist.TorchDistribution):
         return (self.loc + self.scale * torch.special.ndtri(p)).exp().clamp(min=self.low)
 
     def expand(self, batch_shape, _instance=None):
+        """The same distribution with ``loc`` and ``scale`` expanded to ``batch_shape``."""
         new = self._get_checked_instance(TruncatedLogNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
@@ -170,6 +174,7 @@ class CellAssignModule(PyroModule):
     # ------------------------------------------------------------------------------ shared pieces
     @property
     def n_markers(self) -> int:
+        """The number of (type, gene) marker entries, i.e. the length of delta."""
         return int(self.marker_gene_m.shape[0])
 
     def delta_cg(self, delta_m: torch.Tensor) -> torch.Tensor:
@@ -207,13 +212,17 @@ class CellAssignModule(PyroModule):
         return log_mu_cng, phi_cng
 
     def map_pi(self) -> torch.Tensor:
+        """The MAP guide's type proportions pi, (types,)."""
         return torch.softmax(self.pi_logits_c, -1)
 
     def map_delta(self) -> torch.Tensor:
+        """The MAP guide's marker effects delta (each at least ``min_delta``), (markers,)."""
         return self.min_delta + self.delta_excess_log_m.exp()
 
     # --------------------------------------------------------------------------------- model, guide
     def model(self, mb: Minibatch):
+        """The generative process of the module docstring: pi, the marker effects delta, each cell's type
+        z_n (enumerated) and its counts x_ng, negative binomial."""
         pi_c = pyro.sample("pi", FlooredDirichlet(self.alpha_c))
         delta_scale = self.delta_log_scale_raw.exp()
         delta_m = pyro.sample(
@@ -230,6 +239,7 @@ class CellAssignModule(PyroModule):
             pyro.sample("x", NegativeBinomial(mu_ng, phi_ng, validate_args=False).to_event(1), obs=mb.x_ng)
 
     def guide(self, mb: Minibatch):
+        """The MAP guide: point masses at :meth:`map_pi` and :meth:`map_delta` (z is summed out)."""
         pyro.sample("pi", dist.Delta(self.map_pi(), event_dim=1))
         pyro.sample("delta", dist.Delta(self.map_delta(), event_dim=1))
 
@@ -279,6 +289,8 @@ class CellAssign(BaseModel, CellTypePredictor):
         The lower bound of the marker effects, the Dirichlet prior's concentration, and the number of
         basis functions of the dispersion (2, 0.01, 10 as in the paper).
 
+    Notes
+    -----
     Cells with zero counts over every marker are kept: their assignment follows from the size factor
     (a type whose markers they do not express) and the prior.
     """
@@ -406,9 +418,11 @@ class CellAssign(BaseModel, CellTypePredictor):
         return replace(mb, extra={**mb.extra, "design_np": design_np})
 
     def model(self, mb: Minibatch):
+        """The module's model on ``mb`` with its covariates' design matrix (:class:`CellAssignModule`)."""
         return self.module.model(self._design(mb))
 
     def method_guide(self, mb: Minibatch):
+        """The module's MAP guide on ``mb`` with its covariates' design matrix."""
         return self.module.guide(self._design(mb))
 
     def _elbo(self):
@@ -497,6 +511,7 @@ class CellAssign(BaseModel, CellTypePredictor):
     # --------------------------------------------------------------------------------------- queries
     @property
     def cell_types(self) -> list[str]:
+        """The types of the marker matrix, in its column order (the columns of :meth:`predict`)."""
         return list(self.module_kwargs["cell_types"])
 
     def _guide_draw(self) -> dict[str, torch.Tensor]:

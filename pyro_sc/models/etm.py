@@ -125,6 +125,8 @@ class ETMModule(PyroModule):
 
     # --------------------------------------------------------------------------------- model, guide
     def model(self, mb: Minibatch):
+        """The generative process of the module docstring: delta_n standard normal, theta_n its softmax,
+        and the counts x_n multinomial with probabilities theta_n beta (:meth:`mix`)."""
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             with poutine.scale(scale=mb.kl_weight):
                 zeros_k = mb.x_ng.new_zeros(self.n_topics)
@@ -135,6 +137,7 @@ class ETMModule(PyroModule):
             pyro.factor("x", multinomial_log_prob(mb.x_ng, probs_ng))
 
     def guide(self, mb: Minibatch):
+        """q(delta_n | x_n): a diagonal normal from the encoder (:meth:`encode`)."""
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n), poutine.scale(scale=mb.kl_weight):
             loc_nk, scale_nk = self.encode(mb)
             pyro.sample("delta", dist.Normal(loc_nk, scale_nk).to_event(1))

@@ -134,6 +134,8 @@ class SCANVIModule(SCVIModule):
         return self.classifier(z1_nk)
 
     def model(self, mb: Minibatch):
+        """The generative process of the module docstring: y_n (observed where labelled, else enumerated),
+        z2_n, z1_n | z2_n, y_n, the library and the counts x_ng decoded from z1_n."""
         batch_n = self._batch(mb)
         y_obs_n, labelled_n = self._labels(mb)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
@@ -150,6 +152,8 @@ class SCANVIModule(SCVIModule):
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
     def guide(self, mb: Minibatch):
+        """q(z1_n | x_n), q(l_n | x_n), q(y_n | z1_n) (the known labels as point masses, the others
+        enumerated) and q(z2_n | z1_n, y_n)."""
         y_obs_n, labelled_n = self._labels(mb)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             with poutine.scale(scale=mb.kl_weight):
@@ -172,7 +176,8 @@ class SCANVI(SCVI, LabelsOrProbabilities):
         Cells x genes, raw counts in ``X`` or ``layer``.
     labels_key, unlabeled_category
         The ``obs`` column of cell types, and its value for cells whose type is unknown.
-    batch_key, layer, likelihood, dispersion, n_latent, n_hidden, n_layers, dropout_rate,
+    batch_key, layer, likelihood, dispersion, n_latent, n_hidden, n_layers, dropout_rate
+        As :class:`pyro_sc.SCVI`.
     latent_library, categorical_covariate_keys, continuous_covariate_keys, size_factor_key, encode_covariates
         As :class:`pyro_sc.SCVI`.
     allow_non_integer
@@ -192,6 +197,8 @@ class SCANVI(SCVI, LabelsOrProbabilities):
         A prior that follows the proportions predicts the common types better and the rare ones worse
         than a uniform one.
 
+    Notes
+    -----
     The queries of :class:`pyro_sc.SCVI` (latent z1, normalised expression, differential expression)
     work as there, plus :meth:`predict`.
 

@@ -154,6 +154,7 @@ class SCVIModule(PyroModule):
         return theta_gb[:, 0] if self.dispersion == "gene" else theta_gb.T[batch_n]
 
     def likelihood_fn(self, mu_ng: torch.Tensor, theta: torch.Tensor, zi_logits_ng: torch.Tensor | None):
+        """p(x_ng | mu_ng, theta): the zero-inflated (``likelihood="zinb"``) or plain negative binomial."""
         if self.likelihood == "zinb":
             return ZeroInflatedNegativeBinomial(mu_ng, theta, zi_logits_ng, validate_args=False)
         return NegativeBinomial(mu_ng, theta, validate_args=False)
@@ -182,6 +183,8 @@ class SCVIModule(PyroModule):
 
     # --------------------------------------------------------------------------------- model, guide
     def model(self, mb: Minibatch):
+        """The generative process of the module docstring: z_n from :meth:`prior_z`, the library
+        (:meth:`library`), and the counts x_ng from :meth:`likelihood_fn` of the decoded mean."""
         batch_n = self._batch(mb)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             with poutine.scale(scale=mb.kl_weight):  # the KL warm-up anneals z's term only, as scvi-tools
@@ -192,6 +195,8 @@ class SCVIModule(PyroModule):
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
     def guide(self, mb: Minibatch):
+        """The amortised guide: q(z_n | x_n) a diagonal normal from the encoder, and q(l_n | x_n) when
+        the library size is latent (:meth:`guide_library`)."""
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             loc_nk, scale_nk = self.encode(mb)
             with poutine.scale(scale=mb.kl_weight):
@@ -328,6 +333,8 @@ class SCVI(BaseModel):
     module_kwargs
         Further options of :attr:`module_class` (a custom module's, e.g. a prior's number of components).
 
+    Notes
+    -----
     Another prior, or any other change to the module, is a subclass of :class:`SCVIModule` overriding
     one method (``prior_z``, ``theta``, ``decode``, ...) plugged in as :attr:`module_class`::
 
@@ -418,8 +425,9 @@ class SCVI(BaseModel):
         (``dispersion="gene-batch"``); everything of the reference stays as it was, the encoders' batch
         normalisation included (the decoder's running statistics follow the query, as scvi-tools'
         default). New batches start as the mean of the reference's batches. ``unfrozen=True`` trains
-        every parameter. A SCANVI query keeps the reference's classifier, so :meth:`predict` transfers
-        the reference's labels to the query's cells; query cells without a labels column are unlabelled.
+        every parameter. A SCANVI query keeps the reference's classifier, so
+        :meth:`SCANVI.predict <pyro_sc.SCANVI.predict>` transfers the reference's labels to the query's
+        cells; query cells without a labels column are unlabelled.
 
         The query must have the reference's genes: the same set in another order is reordered (a copy of
         ``adata``; the user's is left as it is); missing or extra genes are an error (subset or pad the
