@@ -51,6 +51,8 @@ extensions = [
 exclude_patterns = ["_build", "**/.ipynb_checkpoints", "**/pyro_sc_output"]
 html_theme = "furo"
 html_title = f"pyro_sc {release}"
+html_static_path = ["_static"]
+html_css_files = ["pyro_sc.css"]
 templates_path: list[str] = []
 
 # --- notebooks and Markdown: render what is committed, execute nothing
