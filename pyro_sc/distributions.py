@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
 
-__all__ = ["NegativeBinomial", "ZeroInflatedNegativeBinomial"]
+__all__ = ["NegativeBinomial", "TopKCategorical", "ZeroInflatedNegativeBinomial"]
 
 # r(z) uses Stirling's series from here on, lgamma below.
 _STIRLING_MIN = 10.0
@@ -518,3 +518,78 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
             nonzeros, value, self.mu, self.theta
         )
         return nonzeros.scatter(log_zero, log_nonzero)
+
+
+class TopKCategorical(TorchDistribution):
+    """A categorical distribution restricted to each element's ``k`` most probable values, renormalised.
+
+    A guide for a discrete site summed out by ``TraceEnum_ELBO``: its parallel enumeration runs over the
+    ``k`` values each element keeps (``enumerate_support`` returns them, of shape ``(k,) + batch_shape``,
+    different per element), not over all categories. The ELBO is then the exact ELBO of this truncated
+    guide, a lower bound like any other, at ``k / n_categories`` of the enumerated work. A value outside
+    an element's ``k`` has log-probability ``-inf``.
+
+    Parameters
+    ----------
+    logits
+        Unnormalised log-probabilities, ``batch_shape + (n_categories,)``.
+    k
+        How many values each element keeps, ``1 <= k <= n_categories``.
+    validate_args
+        torch's ``validate_args``.
+
+    Examples
+    --------
+    >>> q = TopKCategorical(torch.tensor([[0.0, 2.0, 1.0]]), k=2)
+    >>> q.enumerate_support()
+    tensor([[1],
+            [2]])
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    has_enumerate_support = True
+
+    def __init__(self, logits: torch.Tensor, k: int, validate_args: bool | None = None) -> None:
+        if logits.dim() < 1:
+            raise ValueError("logits needs a last dimension of categories")
+        n_categories = logits.shape[-1]
+        if not 1 <= int(k) <= n_categories:
+            raise ValueError(f"k must be between 1 and the number of categories ({n_categories}), got {k}")
+        self.logits, self.k = logits, int(k)
+        top_logits, self.top_values = logits.topk(self.k, dim=-1)  # (..., k), most probable first
+        self.top_log_probs = top_logits.log_softmax(-1)
+        super().__init__(logits.shape[:-1], validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self):
+        """The integers ``0 .. n_categories - 1``."""
+        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
+
+    def expand(self, batch_shape: torch.Size, _instance: TopKCategorical | None = None) -> TopKCategorical:
+        """The same distribution with batch shape ``batch_shape``."""
+        return TopKCategorical(self.logits.expand(torch.Size(batch_shape) + self.logits.shape[-1:]), self.k)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """The renormalised probabilities of all categories (zero outside the ``k``), ``batch_shape + (n,)``."""
+        return torch.zeros_like(self.logits).scatter(-1, self.top_values, self.top_log_probs.exp())
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Category indices of shape ``sample_shape + batch_shape``."""
+        with torch.no_grad():
+            slot = torch.distributions.Categorical(logits=self.top_log_probs).sample(sample_shape)
+            top = self.top_values.expand(slot.shape + (self.k,))
+            return top.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """The renormalised log-probability of ``value`` (``-inf`` outside the element's ``k`` values)."""
+        if self._validate_args:
+            self._validate_sample(value)
+        log_probs = torch.full_like(self.logits, -math.inf).scatter(-1, self.top_values, self.top_log_probs)
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        value = value.long().expand(shape).unsqueeze(-1)
+        return log_probs.expand(shape + log_probs.shape[-1:]).gather(-1, value).squeeze(-1)
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        """Each element's ``k`` values, of shape ``(k,) + batch_shape`` (per element, so always expanded)."""
+        return self.top_values.movedim(-1, 0)

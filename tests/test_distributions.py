@@ -18,7 +18,7 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from scipy import stats
 
-from pyro_sc.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from pyro_sc.distributions import NegativeBinomial, TopKCategorical, ZeroInflatedNegativeBinomial
 
 MUS = [1e-6, 1e-3, 0.1, 1.0, 10.0, 1e3, 1e5]
 THETAS = [1e-3, 0.1, 1.0, 10.0, 1e3, 1e5]
@@ -392,3 +392,54 @@ def test_validate_args_rejects_bad_parameters(cls):
         bad[index] = torch.tensor([1.0, -1.0])
         with pytest.raises(ValueError):
             cls(*bad, validate_args=True)
+
+
+def test_top_k_categorical_keeps_the_k_most_probable_values_renormalised():
+    logits = torch.randn(5, 6)
+    q = TopKCategorical(logits, k=3)
+    values = q.enumerate_support()
+    assert values.shape == (3, 5)
+    for n in range(5):
+        top = np.argsort(-logits[n].numpy())[:3]
+        assert list(values[:, n].numpy()) == list(top)
+        expected = logits[n, top].numpy() - np.log(np.exp(logits[n, top].numpy()).sum())
+        np.testing.assert_allclose(q.log_prob(values)[:, n].numpy(), expected, rtol=1e-5, atol=1e-6)
+        outside = [c for c in range(6) if c not in top]
+        assert torch.isinf(q.log_prob(torch.full((5,), outside[0]))[n])
+    draws = q.sample((20000,))
+    frequencies = torch.stack([(draws == c).float().mean(0) for c in range(6)], -1)
+    torch.testing.assert_close(frequencies, q.probs, atol=0.02, rtol=0)
+    assert q.expand((2, 5)).enumerate_support().shape == (3, 2, 5)
+    for k in (0, 7):
+        with pytest.raises(ValueError, match=rf"k must be between 1 and the number of categories \(6\), got {k}"):
+            TopKCategorical(logits, k=k)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_trace_enum_elbo_sums_over_the_top_k_only(k):
+    """With a TopKCategorical guide, TraceEnum_ELBO is the exact ELBO of the truncated guide: the sum over
+    each cell's k values of q (log p(c) + log p(x | c) - log q); at k = all it is the Categorical guide's."""
+    pi_c = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    loc_c = torch.tensor([-3.0, -1.0, 1.0, 3.0])
+    x_n = torch.tensor([-2.5, 0.2, 2.9, 1.1, -0.7])
+    logits_nc = torch.randn(5, 4, requires_grad=True)
+
+    def model():
+        with pyro.plate("cells", 5):
+            c = pyro.sample("c", dist.Categorical(pi_c))
+            pyro.sample("x", dist.Normal(loc_c[c], 1.0), obs=x_n)
+
+    def guide(q):
+        with pyro.plate("cells", 5):
+            pyro.sample("c", q, infer={"enumerate": "parallel"})
+
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    loss = elbo.differentiable_loss(model, lambda: guide(TopKCategorical(logits_nc, k)))
+    q = TopKCategorical(logits_nc, k)
+    c_kn = q.enumerate_support()
+    log_q = q.log_prob(c_kn)
+    terms = log_q.exp() * (pi_c.log()[c_kn] + dist.Normal(loc_c[c_kn], 1.0).log_prob(x_n) - log_q)
+    torch.testing.assert_close(loss, -terms.sum())
+    if k == 4:
+        exact = elbo.differentiable_loss(model, lambda: guide(dist.Categorical(logits=logits_nc)))
+        torch.testing.assert_close(loss, exact)

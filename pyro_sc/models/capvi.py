@@ -52,6 +52,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from torch import nn
 
 from ..data import AnnDataSetup, DataError, Minibatch, split_indices
+from ..distributions import TopKCategorical
 from ..nn import MLP, GaussianEncoder
 from ..infer import TrainingPlan
 from ._base import BaseModel, LabelsOrProbabilities
@@ -148,13 +149,19 @@ class CAPVIModule(SCVIModule):
             mu_ng = l_n.unsqueeze(-1) * rho_ng
             pyro.sample("x", self.likelihood_fn(mu_ng, self.theta(batch_n), zi_logits_ng).to_event(1), obs=mb.x_ng)
 
-    def guide(self, mb: Minibatch, *, use_labels: bool = False):
+    def guide(self, mb: Minibatch, *, use_labels: bool = False, n_types_summed: int | None = None):
         """q(c_n | x_n) (the known labels as point masses when ``use_labels``, the others enumerated),
-        q(z_n | x_n, c_n) and q(l_n | x_n)."""
+        q(z_n | x_n, c_n) and q(l_n | x_n). ``n_types_summed``: q(c_n | x_n) truncated to each cell's
+        most probable types (:class:`~pyro_sc.distributions.TopKCategorical`), so that the ELBO sums over
+        those only (None: over all types, exact)."""
         y_obs_n, labelled_n = self._labels(mb, use_labels)
         with pyro.plate("cells", mb.n_obs, subsample=mb.idx_n):
             logits_nc = known_labels_as_point_masses(self.classify(mb), y_obs_n, labelled_n)
-            c_n = pyro.sample("c_unobserved", dist.Categorical(logits=logits_nc), infer={"enumerate": "parallel"})
+            if n_types_summed is None or n_types_summed >= self.n_labels:
+                q_c = dist.Categorical(logits=logits_nc)
+            else:
+                q_c = TopKCategorical(logits_nc, n_types_summed)
+            c_n = pyro.sample("c_unobserved", q_c, infer={"enumerate": "parallel"})
             with poutine.scale(scale=mb.kl_weight):
                 loc_nk, scale_nk = self.encode_z(mb, c_n)
                 pyro.sample("z", dist.Normal(loc_nk, scale_nk).to_event(1))
@@ -281,6 +288,7 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         early_stopping: Sequence[bool] | bool = (True, False, False),
         patience: int = 10,
         use_labels: bool = False,
+        n_types_summed: int | None = None,
         seed: int | None = 0,
         stages: Sequence[int] = (1, 2, 3),
         checkpoint_every: int | None = None,
@@ -300,7 +308,10 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         ``max_epochs`` and ``early_stopping`` are per stage (or one value for all). Cells are split
         ``train_size`` / rest with ``seed`` unless ``train_indices`` / ``validation_indices`` are given;
         the validation cells measure each stage's loss. Stages 2 and 3 ignore the labels unless
-        ``use_labels``. ``stages`` runs a subset (e.g. ``(2, 3)`` to continue). ``history`` gains a
+        ``use_labels``. ``n_types_summed=k`` makes stages 2 and 3 sum each cell's ELBO over its ``k`` most
+        probable types under q(c | x) only (q truncated to them and renormalised, see
+        :class:`~pyro_sc.distributions.TopKCategorical`): about ``k / n_types`` of the decoding work, the
+        exact ELBO of that narrower guide (None: all types). ``stages`` runs a subset (e.g. ``(2, 3)`` to continue). ``history`` gains a
         ``stage`` column. ``checkpoint_every`` / ``checkpoint_path`` (a directory) checkpoint the plan;
         ``resume=`` that directory continues it, interrupted in any stage, to the model an uninterrupted
         run reaches.
@@ -309,6 +320,12 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         stopping = _per_stage(early_stopping, "early_stopping")
         if any(stage not in (1, 2, 3) for stage in stages):
             raise ValueError(f"stages are 1, 2 and 3, got {tuple(stages)}")
+        if n_types_summed is not None:
+            integer = isinstance(n_types_summed, (int, np.integer)) and not isinstance(n_types_summed, bool)
+            if not integer or n_types_summed < 1:
+                raise ValueError(f"n_types_summed must be a positive integer or None, got {n_types_summed!r}")
+            if self._custom_guide is not None:
+                raise ValueError("n_types_summed applies to capVI's own guide, not to a guide set by set_guide")
         if train_indices is None:
             train_indices, split_val = split_indices(self.setup.n_obs, train_size=train_size, seed=seed or 0)
             validation_indices = split_val if validation_indices is None else validation_indices
@@ -319,7 +336,7 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         options = {**self._train_defaults(), **fit_kwargs, "patience": patience, "seed": seed}
         for stage in stages:
             stage_options = {
-                **options, **self._stage(stage, train_indices, validation_indices, use_labels),
+                **options, **self._stage(stage, train_indices, validation_indices, use_labels, n_types_summed),
                 "max_epochs": epochs[stage - 1], "early_stopping": stopping[stage - 1],
             }
             history = plan.run(
@@ -330,7 +347,9 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
             self._append_history(history.assign(stage=stage))
         return self.history
 
-    def _stage(self, stage: int, train_n: np.ndarray, validation_n: np.ndarray, use_labels: bool) -> dict:
+    def _stage(
+        self, stage: int, train_n: np.ndarray, validation_n: np.ndarray, use_labels: bool, n_types_summed: int | None
+    ) -> dict:
         """What ``fit`` trains in ``stage``: its model and guide, cells, parameters and frozen modules."""
         module = self.module
         if stage == 1:
@@ -342,11 +361,12 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
                 "extra_loss": None, "parameters": list(module.classifier.parameters()),
                 "train_indices": train_n[labelled_n[train_n]], "validation_indices": validation_n[labelled_n[validation_n]],
             }
-        labelled_pair = {  # without labels: the method's own pair (a guide set by set_guide included)
-            "model": lambda mb: module.model(mb, use_labels=True), "guide": lambda mb: module.guide(mb, use_labels=True),
-        } if use_labels else {}
+        own_pair = {  # by default: the method's own pair (a guide set by set_guide included)
+            "model": lambda mb: module.model(mb, use_labels=use_labels),
+            "guide": lambda mb: module.guide(mb, use_labels=use_labels, n_types_summed=n_types_summed),
+        } if use_labels or n_types_summed is not None else {}
         return {
-            **labelled_pair,
+            **own_pair,
             "extra_loss": self._extra_loss(use_labels), "frozen": [module.classifier] if stage == 2 else [],
             "train_indices": train_n, "validation_indices": validation_n,
         }

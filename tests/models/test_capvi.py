@@ -92,3 +92,31 @@ def test_bad_input_and_save_load(staged, simulated, tmp_path):
     pd.testing.assert_frame_equal(loaded.predict(soft=True), model.predict(soft=True))
     np.testing.assert_array_equal(loaded.predict(), model.predict())
     np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+
+
+def test_sum_over_the_top_types_decodes_only_those(monkeypatch):
+    small = datasets.simulate_scvi(600, 200, n_latent=4, n_types=4, n_batches=2, seed=0)
+    model = pyro_sc.CAPVI(small, labels_key="cell_type", batch_key="batch", n_latent=4, sigma=0.25, n_hidden=32)
+    decode, shapes = pyro_sc.models.CAPVIModule.decode, set()
+
+    def recording(self, z, *args):
+        shapes.add(tuple(z.shape[:-2]))
+        return decode(self, z, *args)
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=rf"n_types_summed must be a positive integer or None, got {bad!r}"):
+            model.train(n_types_summed=bad, progress_bar=False)
+    model.set_guide(lambda mb: model.module.guide(mb))
+    with pytest.raises(ValueError, match="n_types_summed applies to capVI's own guide, not to a guide set by set_guide"):
+        model.train(n_types_summed=2, progress_bar=False)
+    model.set_guide(None)
+    monkeypatch.setattr(pyro_sc.models.CAPVIModule, "decode", recording)
+    model.train(max_epochs=(30, 10, 5), n_types_summed=2, progress_bar=False, seed=0)
+    assert shapes == {(2,)}  # 2 types per cell decoded, never all 4
+    later = model.history[model.history["stage"] > 1]
+    assert np.isfinite(later["train_loss"]).all() and later["train_loss"].iloc[-1] < later["train_loss"].iloc[0]
+    truth_n = small.obs["cell_type"].astype(str).to_numpy()
+    assert metrics.accuracy(truth_n, model.predict()) > 0.95  # 1.0 after stage 1
+    shapes.clear()
+    assert np.isfinite(model.get_marginal_ll(n_samples=5))  # exact: every type decoded
+    assert (4,) in shapes and (2,) not in shapes, shapes
