@@ -313,10 +313,10 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         :class:`~pyro_sc.distributions.TopKCategorical`): about ``k / n_types`` of the decoding work, the
         exact ELBO of that narrower guide (None: all types). A trade, not a free speed-up: on ifnb (13 types,
         ``benchmarks/capvi_speed.py``) ``k=2`` made an epoch 3.4x faster and, after 20 epochs per stage, the
-        test log-likelihood 70 nats per cell lower than the exact sum. ``stages`` runs a subset (e.g. ``(2, 3)`` to continue). ``history`` gains a
-        ``stage`` column. ``checkpoint_every`` / ``checkpoint_path`` (a directory) checkpoint the plan;
-        ``resume=`` that directory continues it, interrupted in any stage, to the model an uninterrupted
-        run reaches.
+        test log-likelihood 70 nats per cell lower than the exact sum. ``stages`` runs a subset (e.g.
+        ``(2, 3)`` to continue). ``history`` gains a ``stage`` column. ``checkpoint_every`` /
+        ``checkpoint_path`` (a directory) checkpoint the plan; ``resume=`` that directory continues it,
+        interrupted in any stage, to the model an uninterrupted run reaches.
         """
         epochs = _per_stage(max_epochs, "max_epochs")
         stopping = _per_stage(early_stopping, "early_stopping")
@@ -363,7 +363,8 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
                 "extra_loss": None, "parameters": list(module.classifier.parameters()),
                 "train_indices": train_n[labelled_n[train_n]], "validation_indices": validation_n[labelled_n[validation_n]],
             }
-        own_pair = {  # by default: the method's own pair (a guide set by set_guide included)
+        # with either option, the module's own pair; else self.model / self.guide (a set_guide guide included)
+        own_pair = {
             "model": lambda mb: module.model(mb, use_labels=use_labels),
             "guide": lambda mb: module.guide(mb, use_labels=use_labels, n_types_summed=n_types_summed),
         } if use_labels or n_types_summed is not None else {}

@@ -427,8 +427,8 @@ class SCVI(BaseModel):
         default). New batches start as the mean of the reference's batches. ``unfrozen=True`` trains
         every parameter: on ifnb_2800 (CTRL reference, STIM query, 3 seeds, ``benchmarks/query_ifnb.py``) a
         SCANVI query trained so for 100 epochs labelled STIM within 0.2-0.8 points of a de novo SCANVI at
-        about a tenth of its time; only the new batch's weights, 50 epochs: 2.3-4.6 points below. A SCANVI query keeps the reference's classifier, so
-        :meth:`SCANVI.predict <pyro_sc.SCANVI.predict>` transfers the reference's labels to the query's
+        about a tenth of its time; only the new batch's weights, 50 epochs: 2.3-4.6 points below. A SCANVI
+        query keeps the reference's classifier, so :meth:`SCANVI.predict <pyro_sc.SCANVI.predict>` transfers the reference's labels to the query's
         cells; query cells without a labels column are unlabelled.
 
         The query must have the reference's genes: the same set in another order is reordered (a copy of
