@@ -766,6 +766,7 @@ def marginal_log_likelihood(
     modules: Sequence[torch.nn.Module] = (),
     device: torch.device | str = "cpu",
     seed: int | None = None,
+    return_log_weights: bool = False,
 ) -> np.ndarray:
     r"""Importance-sampling estimate of each cell's marginal log-likelihood :math:`\log p(x_n)`.
 
@@ -826,10 +827,15 @@ def marginal_log_likelihood(
         Where the minibatches go.
     seed
         Seeds the samples (the global torch RNG is left as it was); ``None``: not seeded.
+    return_log_weights
+        Return the log importance weights themselves, cells x draws, in place of the estimate (e.g. for
+        its Monte Carlo standard error, or the estimate at fewer samples from the first draws).
 
     Returns
     -------
-    ``log p(x_n)`` estimates, float64, one per cell of ``indices`` in that order.
+    ``log p(x_n)`` estimates, float64, one per cell of ``indices`` in that order (with
+    ``return_log_weights``: their ``log w``, float64, cells x draws; the estimate is
+    ``logsumexp(log_w, axis=1) - log(draws)``; one draw when the weights are deterministic).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -871,7 +877,7 @@ def marginal_log_likelihood(
                     rows = _log_importance_weights(model, guide, copies, first_available_dim)
                     log_w.append(rows.reshape(n_copies, len(idx)).double())
                 log_w_kn = torch.cat(log_w)
-                out.append(torch.logsumexp(log_w_kn, 0) - math.log(n_draws))
+                out.append(log_w_kn.T if return_log_weights else torch.logsumexp(log_w_kn, 0) - math.log(n_draws))
             return torch.cat(out).cpu().numpy()
     finally:
         for m, mode in zip(modules, modes):

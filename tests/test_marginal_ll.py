@@ -94,6 +94,24 @@ def test_imperfect_guide_is_below_the_truth_and_converges(gamma_poisson):
     assert abs(gaps[200]) < 4 * ses[200] + 1e-3 and abs(gaps[200]) < 0.05 * abs(gaps[1])
 
 
+def test_log_weights_are_returned_per_cell_and_draw(gamma_poisson):
+    setup, truth_n = gamma_poisson
+    cells = np.arange(50)
+    # the exact posterior as proposal: every weight is p(x_n) itself
+    log_w = metrics.marginal_log_likelihood(
+        gamma_poisson_model, exact_posterior_guide, setup, cells, n_samples=6, particles_per_pass=4,
+        return_log_weights=True,
+    )
+    assert log_w.shape == (50, 6) and log_w.dtype == np.float64
+    np.testing.assert_allclose(log_w, np.repeat(truth_n[cells, None], 6, axis=1), rtol=1e-5, atol=1e-4)
+    # a poor proposal: weights vary over the draws, and the estimate is their log-mean-exp (same seed)
+    kwargs = dict(n_samples=40, seed=3, batch_size=20, particles_per_pass=7)
+    log_w = metrics.marginal_log_likelihood(gamma_poisson_model, lognormal_guide, setup, cells, return_log_weights=True, **kwargs)
+    estimate_n = metrics.marginal_log_likelihood(gamma_poisson_model, lognormal_guide, setup, cells, **kwargs)
+    assert log_w.shape == (50, 40) and (log_w.std(axis=1) > 0.01).all()
+    np.testing.assert_allclose(scipy.special.logsumexp(log_w, axis=1) - np.log(40), estimate_n, rtol=1e-10)
+
+
 def test_masked_sites_count_for_nothing(gamma_poisson):
     setup, truth_n = gamma_poisson
 

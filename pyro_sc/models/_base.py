@@ -56,6 +56,9 @@ SAVE_FORMAT = 2
 class BaseModel:
     """The shared user API: ``m = Method(adata, ...)``, ``m.train()``, queries, ``m.save()``, ``Method.load()``."""
 
+    #: module options a file saved before they existed lacks, with the value that file's model had
+    _module_kwargs_of_old_files: dict[str, Any] = {}
+
     def __init__(self, setup: AnnDataSetup, **module_kwargs: Any):
         self.setup = setup
         self.module_kwargs = module_kwargs
@@ -506,9 +509,10 @@ class BaseModel:
                 UserWarning,
                 stacklevel=2,
             )
-        setup = cls._setup_from_registry(adata, saved["registry"], saved["module_kwargs"])
+        module_kwargs = {**cls._module_kwargs_of_old_files, **saved["module_kwargs"]}
+        setup = cls._setup_from_registry(adata, saved["registry"], module_kwargs)
         obj = cls.__new__(cls)
-        BaseModel.__init__(obj, setup, **saved["module_kwargs"])
+        BaseModel.__init__(obj, setup, **module_kwargs)
         try:
             obj.module.load_state_dict(saved["state_dict"])
         except RuntimeError as error:
