@@ -16,7 +16,7 @@ Protocol (issues 5 and 18), per seed:
   early stopping on the validation cross-entropy) is trained once per seed and shared (it does not depend
   on sigma or lambda); stages 2 and 3 each stop early on the validation loss (at most ``--max-epochs``).
   The paper stops on the validation reconstruction error; this stops on the validation ELBO, as scvi-tools'
-  default. ``--uncentred`` runs capVI as the paper's code parametrises its encoder (the mean of q(z | x, c)
+  default. ``--uncentred`` runs capVI with its earlier encoder (the mean of q(z | x, c)
   itself, not its offset from mu_c).
 
 Reported per model: the marginal log-likelihood per cell by importance sampling

@@ -219,7 +219,7 @@ class CAPVI(BaseModel, LabelsOrProbabilities):
         A numeric ``obs`` column of library sizes, observed in place of capVI's latent library size.
     centred_encoder
         The latent encoder gives the offset of q(z | x, c, s)'s mean from mu_c (True, the default), or the
-        mean itself (False, as the paper's code). The same guides, a different start: with the mean itself
+        mean itself (False, pyro_sc's earlier form). The same guides, a different start: with the mean itself
         every cell starts some 100 sigma from its mode at sigma = 1/32 (the modes are drawn from N(0, I)),
         and Adam's bounded steps take hundreds of epochs to close the gap. On ifnb at sigma = 1/32 (1 x 128
         networks, 20 epochs per stage, 100 importance samples on 200 test cells) the centred encoder's test
