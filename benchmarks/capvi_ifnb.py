@@ -81,10 +81,10 @@ def log_likelihoods(fitted, adata, cells: np.ndarray, ks: list[int], seed: int) 
     return out
 
 
-def scores(fitted, adata, test_idx, ll_test, val_idx, ll_val, args, seed: int, batch_key: str | None) -> dict:
+def scores(fitted, adata, test, ll_test, ll_val, args, seed: int, batch_key: str | None) -> dict:
+    """Log-likelihoods on the fixed cells of ``adata``; LISI on every test cell (``test``)."""
     from pyro_sc import metrics
 
-    test = adata[test_idx].copy()
     out = {"test_ll": log_likelihoods(fitted, adata, ll_test, args.ll_samples, seed)}
     out["validation_ll"] = log_likelihoods(fitted, adata, ll_val, [args.val_ll_samples], seed)["by_k"][
         str(args.val_ll_samples)]["mean"]
@@ -93,6 +93,10 @@ def scores(fitted, adata, test_idx, ll_test, val_idx, ll_val, args, seed: int, b
     if batch_key is not None:
         out["ilisi_median"] = float(np.median(metrics.ilisi(latent_nk, test.obs[batch_key].astype(str).to_numpy())))
     return out
+
+
+def show(run: dict) -> None:
+    print(json.dumps({k: v for k, v in run.items() if k != "test_ll"} | {"test_ll": run["test_ll"]["by_k"]}), flush=True)
 
 
 def epochs_per_stage(history) -> dict:
@@ -149,7 +153,7 @@ def main() -> None:
     for seed in args.seeds:
         train_idx, val_idx, test_idx = split(adata.n_obs, seed)
         fit_idx = np.sort(np.concatenate([train_idx, val_idx]))
-        data = adata[fit_idx].copy()
+        data, test = adata[fit_idx].copy(), adata[test_idx].copy()
         position = {c: i for i, c in enumerate(fit_idx)}
         tr = np.array([position[c] for c in train_idx])
         va = np.array([position[c] for c in val_idx])
@@ -166,10 +170,9 @@ def main() -> None:
             scvi.train(max_epochs=args.max_epochs, n_epochs_kl_warmup=None, eps=0.01, **stopping, **common)
             run = {"model": "scVI", "seed": seed, "train_seconds": time.perf_counter() - started,
                    **epochs_per_stage(scvi.history)}
-            run.update(scores(scvi, adata, test_idx, ll_test, val_idx, ll_val, args, seed, batch_key))
+            run.update(scores(scvi, adata, test, ll_test, ll_val, args, seed, batch_key))
             results["runs"].append(run)
-            print(json.dumps({k: v for k, v in run.items() if k != "test_ll"} | {
-                "test_ll": run["test_ll"]["by_k"]}), flush=True)
+            show(run)
             write_results(out_path, results)
 
         stage1 = None
@@ -191,20 +194,17 @@ def main() -> None:
                     model.module.classifier.load_state_dict(stage1["state"])
                     model.history = stage1["history"].copy()
                 model.train(max_epochs=(1, args.max_epochs, args.max_epochs), stages=(2, 3),
-                            early_stopping=(True, True, True), patience=args.patience, **{
-                                k: v for k, v in common.items()})
-                predicted = model.predict_labels(adata[test_idx].copy()).to_numpy()
+                            early_stopping=(True, True, True), patience=args.patience, **common)
+                predicted = model.predict_labels(test).to_numpy()
                 run = {
                     "model": "capVI", "seed": seed, "sigma": sigma, "penalty": penalty,
                     "stage1_seconds": stage1["seconds"], "train_seconds": time.perf_counter() - started,
                     **epochs_per_stage(model.history),
-                    "classifier_accuracy_test": metrics.accuracy(
-                        adata[test_idx].obs["cell_type"].astype(str), predicted),
+                    "classifier_accuracy_test": metrics.accuracy(test.obs["cell_type"].astype(str), predicted),
                 }
-                run.update(scores(model, adata, test_idx, ll_test, val_idx, ll_val, args, seed, batch_key))
+                run.update(scores(model, adata, test, ll_test, ll_val, args, seed, batch_key))
                 results["runs"].append(run)
-                print(json.dumps({k: v for k, v in run.items() if k != "test_ll"} | {
-                    "test_ll": run["test_ll"]["by_k"]}), flush=True)
+                show(run)
                 capvi = [r for r in results["runs"] if r["model"] == "capVI" and r["seed"] == seed]
                 best = max(capvi, key=lambda r: r["validation_ll"])
                 for r in capvi:
