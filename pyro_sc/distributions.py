@@ -85,10 +85,14 @@ Reference: C. Loader (2000), "Fast and accurate computation of binomial probabil
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
+
+from . import settings
 
 __all__ = ["NegativeBinomial", "TopKCategorical", "ZeroInflatedNegativeBinomial"]
 
@@ -260,37 +264,114 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dims, keepdim=True) if dims else grad
 
 
+def _zero_terms(
+    mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log NB(0) (or log ZINB(0)) and its gradients on the broadcast shape of the parameters (float32).
+
+    With r = mu / theta: log NB(0) = -theta log1p(r), d / d mu = -1 / (1 + r) and d / d theta =
+    r / (1 + r) - log1p(r). At a zero of the ZINB, with a = log1p(exp(-|eta|)) (eta = zi_logits),
+    log pi = -(max(-eta, 0) + a) and log(1 - pi) = -(max(eta, 0) + a) (``logsigmoid`` of +-eta, from one
+    exp and one log1p); log ZINB(0) = logaddexp(log pi, log(1 - pi) + log NB(0)); with w = exp(log(1 - pi)
+    + log NB(0) - log ZINB(0)) the posterior weight of the NB component, the NB gradients are scaled by
+    w and d / d eta = (1 - pi) - w. Seven transcendental functions per entry.
+    """
+    r = mu / theta
+    softplus = torch.log1p(r)  # = softplus(log mu - log theta)
+    out = -theta * softplus
+    one_plus_r = 1 + r
+    g_mu, g_theta = -1 / one_plus_r, r / one_plus_r - softplus  # r / (1 + r): not 1 - 1 / (1 + r), for r << 1
+    if zi_logits is None:
+        return out, g_mu, g_theta, None
+    a = torch.log1p(torch.exp(-zi_logits.abs()))
+    log_keep = -(F.relu(zi_logits) + a)  # log(1 - pi) = logsigmoid(-eta)
+    log_pi = -(F.relu(-zi_logits) + a)  # logsigmoid(eta)
+    log_nb_weight = log_keep + out
+    log_zero = torch.logaddexp(log_pi, log_nb_weight)
+    w_nb = (log_nb_weight - log_zero).exp()
+    return log_zero, g_mu * w_nb, g_theta * w_nb, log_keep.exp() - w_nb
+
+
+def _nonzero_terms(
+    x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lgamma_t: torch.Tensor, digamma_t: torch.Tensor,
+    z: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log NB(x) (or log ZINB(x)) and its gradients at gathered nonzero counts ``x``: float32 ``x``, ``m``
+    (mu) and ``z`` (zi_logits), float64 ``t`` (theta) and its lgamma / digamma; evaluated in float64
+    arithmetic (the lgamma fast path), returned in float32.
+
+    d log NB / d mu = (x (1 - p) - theta p) / mu, d log NB / d theta = digamma(x + theta) - digamma(theta)
+    - softplus(l) + p - x / (theta + mu); at a nonzero of the ZINB, d / d zi_logits = -sigmoid(zi_logits).
+    """
+    x, m = x.double(), m.double()
+    l = m.log() - t.log()
+    sp, pp = F.softplus(l), torch.sigmoid(l)
+    nb = torch.lgamma(x + t) - lgamma_t - torch.lgamma(x + 1) - t * sp - x * F.softplus(-l)
+    gm = (x * (1 - pp) - t * pp) / m
+    gt = torch.digamma(x + t) - digamma_t - sp + pp - x / (t + m)
+    g_z = None
+    if z is not None:
+        nb = nb + F.logsigmoid(-z.double())
+        g_z = -torch.sigmoid(z)
+    return nb.float(), gm.float(), gt.float(), g_z
+
+
+#: Element counts below which the fused log-prob's kernels are not compiled (their plain torch form is
+#: fast enough there, and compiling costs seconds).
+_COMPILE_MIN_ELEMENTS = 1 << 16
+_compiled: dict[Callable, Callable] = {}
+_compile_failure: list[str] = []  # the first failure's message; compilation is not tried again after one
+
+
+def _kernel(fn: Callable, n_elements: int) -> Callable:
+    """``fn`` compiled by ``torch.compile`` (one fused, parallel loop) when ``settings.compile`` allows
+    it, the work is large enough and no gradient graph is asked for; otherwise ``fn`` itself. A failed
+    compilation (no C++ compiler, an unsupported device) warns once and falls back to ``fn`` for good."""
+    if (
+        not settings.compile
+        or _compile_failure
+        or n_elements < _COMPILE_MIN_ELEMENTS
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    compiled = _compiled[fn]
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 -- any failure to compile means: run uncompiled
+            _compile_failure.append(f"{type(error).__name__}: {error}".splitlines()[0])
+            warnings.warn(
+                f"pyro_sc could not compile the NB / ZINB log-probability ({_compile_failure[0]}); it runs "
+                "uncompiled from now on (same values, slower). pyro_sc.settings.compile = False skips the "
+                "attempt.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return fn(*args)
+
+    return call
+
+
 def _fused_terms(
     value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log NB (or ZINB) of float32 parameters and its gradients in closed form, on the broadcast shape.
 
-    Zero term dense in float32, nonzero counts gathered and evaluated in float64 (as the lgamma fast
-    path). With l = log mu - log theta, p = sigmoid(l):
-
-    * d log NB / d mu = (x (1 - p) - theta p) / mu,
-    * d log NB / d theta = digamma(x + theta) - digamma(theta) - softplus(l) + p - x / (theta + mu),
-    * at a zero of the ZINB, with w the posterior weight of the NB component, the NB gradients are
-      scaled by w and d / d zi_logits = sigmoid(-zi_logits) - w; at a nonzero, -sigmoid(zi_logits).
-
-    Every operation is a differentiable torch op (the in-place writes go into fresh tensors that no
-    backward formula reads), so with grad mode on the gradients returned carry their own graph.
+    Zero term dense in float32 (:func:`_zero_terms`), nonzero counts gathered and evaluated in float64
+    (:func:`_nonzero_terms`), each compiled where :func:`_kernel` allows. Every operation is a
+    differentiable torch op (the in-place writes go into fresh tensors that no backward formula reads),
+    so with grad mode on the gradients returned carry their own graph.
     """
     zi_shape = [] if zi_logits is None else [zi_logits.shape]
     shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *zi_shape)
-    logits = mu.log() - theta.log()
-    softplus = F.softplus(logits)
-    p = torch.sigmoid(logits)
-    out = (-theta * softplus).expand(shape).contiguous()  # log NB(0)
-    g_mu = (p - 1).expand(shape).contiguous()
-    g_theta = (p - softplus).expand(shape).contiguous()
-    g_zi = None
-    if zi_logits is not None:
-        log_nb_weight = F.logsigmoid(-zi_logits) + out
-        log_zero = torch.logaddexp(F.logsigmoid(zi_logits), log_nb_weight)
-        w_nb = (log_nb_weight - log_zero).exp()
-        g_zi = (torch.sigmoid(-zi_logits) - w_nb).expand(shape).contiguous()
-        out, g_mu, g_theta = log_zero.expand(shape).contiguous(), g_mu * w_nb, g_theta * w_nb
+    out, g_mu, g_theta, g_zi = _kernel(_zero_terms, shape.numel())(mu, theta, zi_logits)
+    out, g_mu, g_theta = (t.expand(shape).contiguous() for t in (out, g_mu, g_theta))
+    if g_zi is not None:
+        g_zi = g_zi.expand(shape).contiguous()
 
     nonzeros = _Nonzeros(value, shape)
     if len(nonzeros):
@@ -302,20 +383,16 @@ def _fused_terms(
         else:
             t = nonzeros.gather(theta64)
             lgamma_t, digamma_t = torch.lgamma(t), torch.digamma(t)
-        x, m = nonzeros.gather(value).double(), nonzeros.gather(mu).double()
-        l = m.log() - t.log()
-        sp, pp = F.softplus(l), torch.sigmoid(l)
-        nb = torch.lgamma(x + t) - lgamma_t - torch.lgamma(x + 1) - t * sp - x * F.softplus(-l)
-        gm = (x * (1 - pp) - t * pp) / m
-        gt = torch.digamma(x + t) - digamma_t - sp + pp - x / (t + m)
+        z = None if zi_logits is None else nonzeros.gather(zi_logits)
+        nb, gm, gt, gz = _kernel(_nonzero_terms, len(nonzeros) * 8)(
+            nonzeros.gather(value), nonzeros.gather(mu), t, lgamma_t, digamma_t, z
+        )
         flat = nonzeros.flat
-        if zi_logits is not None:
-            z = nonzeros.gather(zi_logits)
-            nb = nb + F.logsigmoid(-z.double())
-            g_zi.view(-1).index_put_((flat,), -torch.sigmoid(z))
-        out.view(-1).index_put_((flat,), nb.to(out.dtype))
-        g_mu.view(-1).index_put_((flat,), gm.to(out.dtype))
-        g_theta.view(-1).index_put_((flat,), gt.to(out.dtype))
+        if gz is not None:
+            g_zi.view(-1).index_put_((flat,), gz)
+        out.view(-1).index_put_((flat,), nb)
+        g_mu.view(-1).index_put_((flat,), gm)
+        g_theta.view(-1).index_put_((flat,), gt)
     return out, g_mu, g_theta, g_zi
 
 

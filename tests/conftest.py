@@ -7,6 +7,9 @@ is set to its resolved absolute path and ``PYRO_SC_DATA_DIR`` is exported with i
 inherit it). The cache is a temporary folder of the session's own (``PYRO_SC_CACHE_DIR``), never the
 user's. Downloading is always off (``pyro_sc.settings.download = False``, ``PYRO_SC_DOWNLOAD=0``):
 no test reaches the internet; the downloader's own tests turn it back on against a local server.
+Kernel compilation is off too (``pyro_sc.settings.compile = False``, ``PYRO_SC_COMPILE=0``): compiling
+costs seconds per kernel and process, and the plain kernels compute the same functions; the compiled
+kernels' own tests (in test_distributions_float32.py) turn it on.
 
 A test that reads real data carries ``@pytest.mark.real_data`` and asks the ``real_data`` fixture for
 the sets it needs: ``real_data("ifnb_2800")`` skips the test, with a reason naming what is missing,
@@ -50,6 +53,7 @@ CACHE_DIR = Path(tempfile.mkdtemp(prefix="pyro_sc_test_cache_"))
 atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
 os.environ["PYRO_SC_CACHE_DIR"] = str(CACHE_DIR)
 os.environ[DOWNLOAD_ENV] = "0"
+os.environ["PYRO_SC_COMPILE"] = "0"
 if DATA_DIR is not None:
     os.environ[DATA_DIR_ENV] = str(DATA_DIR)
 else:
@@ -60,6 +64,7 @@ import pyro_sc  # noqa: E402  (after the environment above, which pyro_sc.settin
 pyro_sc.settings.data_dir = DATA_DIR
 pyro_sc.settings.cache_dir = CACHE_DIR
 pyro_sc.settings.download = False
+pyro_sc.settings.compile = False
 
 
 def _dataset_file(name: str) -> str | None:

@@ -25,6 +25,7 @@ from pyro.ops.hessian import hessian
 from scipy import stats
 
 import pyro_sc.distributions as D
+from pyro_sc import settings
 from pyro_sc.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 
 EPS = torch.finfo(torch.float32).eps
@@ -115,9 +116,29 @@ def test_float64_reference_matches_scipy():
     np.testing.assert_allclose(_nb64(*t).numpy(), expected, rtol=1e-11, atol=1e-11)
 
 
+@pytest.fixture(params=["plain", "compiled"])
+def kernels(request, monkeypatch):
+    """The fused log-prob's element-wise kernels as plain torch, or compiled by ``torch.compile`` (what
+    training uses by default; the rest of the suite runs with compilation off, see conftest.py). Checks
+    that every kernel the test called was of that kind."""
+    compiled = request.param == "compiled"
+    monkeypatch.setattr(settings, "compile", compiled)
+    monkeypatch.setattr(D, "_COMPILE_MIN_ELEMENTS", 0)  # the test's 200 x 40 entries are below the default
+    chosen, kernel = [], D._kernel
+
+    def spy(fn, n_elements):
+        out = kernel(fn, n_elements)
+        chosen.append(out is not fn)
+        return out
+
+    monkeypatch.setattr(D, "_kernel", spy)
+    yield request.param
+    assert chosen and all(c == compiled for c in chosen) and not D._compile_failure
+
+
 @pytest.mark.parametrize("theta_per", ["gene", "entry"])
 @pytest.mark.parametrize("zinb", [False, True], ids=["NB", "ZINB"])
-def test_fused_float32_log_prob_and_gradients_match_float64(fused_calls, zinb, theta_per):
+def test_fused_float32_log_prob_and_gradients_match_float64(fused_calls, kernels, zinb, theta_per):
     p32, p64, x32, x64 = _float32_and_float64(zinb, theta_per)
     lp32, lp64 = _log_scale_log_prob(x32, *p32), _log_scale_log_prob(x64, *p64)
     assert fused_calls and lp32.dtype == torch.float32
@@ -318,3 +339,78 @@ def test_laplace_approximation_on_float32_counts_matches_float64(fused_calls, zi
     # Hessian entries good to a few ulps (see above), times the condition number of the Hessian (about 300
     # here). Allowed: 1e-4 of sd_i sd_j. Measured: 4.3e-7 (NB), 5.7e-6 (ZINB); posterior sd 0.13..2.3.
     assert torch.all(error <= 1e-4), f"Laplace covariance: error {error.max():.3g} of sd_i sd_j"
+
+
+# ------------------------------------------------------------------------------------- compiled kernels
+
+
+def test_compiled_kernels_give_the_plain_values_and_gradients(monkeypatch):
+    """The training case (ZINB, per-gene theta, sparse counts): compiled and plain kernels agree to a few
+    float32 ulps of the terms, values and all three gradients."""
+    monkeypatch.setattr(D, "_COMPILE_MIN_ELEMENTS", 0)
+    p32, _, x32, _ = _float32_and_float64(zinb=True, theta_per="gene", seed=3)
+    results = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(settings, "compile", compiled)
+        lp = _log_scale_log_prob(x32, *p32)
+        results[compiled] = [lp.detach(), *torch.autograd.grad(lp.sum(), p32)]
+    assert not D._compile_failure and len(D._compiled) == 2
+    for plain, compiled in zip(results[False], results[True]):
+        np.testing.assert_allclose(compiled.numpy(), plain.numpy(), rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+def test_a_failed_compilation_warns_once_and_runs_plain(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(D, "_compiled", {})
+    monkeypatch.setattr(D, "_compile_failure", [])
+    monkeypatch.setattr(D, "_COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(settings, "compile", False)
+    p32, _, x32, _ = _float32_and_float64(zinb=True, theta_per="gene")
+    plain = _log_scale_log_prob(x32, *p32).detach()
+    monkeypatch.setattr(settings, "compile", True)
+    message = (
+        "pyro_sc could not compile the NB / ZINB log-probability (RuntimeError: no C++ compiler found); it "
+        "runs uncompiled from now on (same values, slower). pyro_sc.settings.compile = False skips the attempt."
+    )
+    with pytest.warns(RuntimeWarning) as caught:
+        first = _log_scale_log_prob(x32, *p32).detach()
+        second = _log_scale_log_prob(x32, *p32).detach()  # no second attempt, no second warning
+    assert [str(w.message) for w in caught] == [message]
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+
+
+def test_no_compilation_when_settings_compile_is_off(monkeypatch):
+    def no_compile(fn, **kwargs):
+        raise AssertionError("torch.compile was called")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    monkeypatch.setattr(D, "_compiled", {})
+    monkeypatch.setattr(D, "_COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(settings, "compile", False)
+    p32, _, x32, _ = _float32_and_float64(zinb=True, theta_per="gene")
+    lp = _log_scale_log_prob(x32, *p32)
+    torch.autograd.grad(lp.sum(), p32)
+    assert D._compiled == {}
+
+
+def test_scvi_trains_the_same_with_compiled_kernels(monkeypatch):
+    """Two epochs of scVI from the same seed: the per-epoch losses with compiled kernels match the plain
+    run's to float32 rounding accumulated over the steps."""
+    import pyro_sc
+
+    monkeypatch.setattr(D, "_COMPILE_MIN_ELEMENTS", 0)
+    adata = pyro_sc.datasets.simulate_scvi(300, 100, n_latent=5, n_types=3, n_batches=2, seed=0)
+    losses = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(settings, "compile", compiled)
+        model = pyro_sc.SCVI(adata, batch_key="batch")
+        history = model.train(max_epochs=2, seed=0, progress_bar=False)
+        losses[compiled] = history[["train_loss", "validation_loss"]].to_numpy()
+    assert not D._compile_failure and D._compiled
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

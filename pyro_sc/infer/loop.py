@@ -197,7 +197,7 @@ def fit(
         params = [p for p in (list(parameters) if parameters is not None else found) if p.requires_grad]
         if not params:
             raise TrainingError("the model and guide have no trainable parameters")
-        optimizer = torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
+        optimizer = adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
         progress, stopping = Progress(), EarlyStopping(early_stopping, patience, min_delta, restore_best)
         if checkpoint is not None:
             progress, stopping.best_state = resume_from(
@@ -254,6 +254,17 @@ def fit(
     history.attrs["stopped_early"] = len(progress.records) < max_epochs
     _warn_unfinished_warmup(warmup, progress, stopped_early=history.attrs["stopped_early"])
     return history
+
+
+def adam(params: Sequence[torch.Tensor], **options) -> torch.optim.Adam:
+    """``torch.optim.Adam`` over ``params``, fused (one kernel per step for all of them, instead of about
+    ten passes per tensor) where torch has the fused kernel: floating-point tensors on one CPU or CUDA
+    device. Same algorithm; the results differ from the unfused loop's by float rounding."""
+    devices = {p.device for p in params}
+    fused = len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") and all(
+        p.is_floating_point() for p in params
+    )
+    return torch.optim.Adam(params, fused=fused or None, **options)
 
 
 def _check_options(max_epochs, on_nonfinite, lr_reduction_factor, batch_size, modules, frozen, prefetch,
