@@ -243,3 +243,27 @@ def test_device_auto_is_cuda_when_torch_sees_a_gpu_else_the_cpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda")
     with pytest.raises(RuntimeError):
         resolve_device("tpu")
+
+
+def test_the_driver_adam_is_fused_and_steps_as_torch_adam():
+    """fit's optimiser is torch's fused Adam on one CPU device, taking the unfused loop's steps to float
+    rounding (weight decay included)."""
+    from pyro_sc.infer.loop import adam
+
+    torch.manual_seed(0)
+    start = [torch.randn(50, 7), torch.randn(7)]
+    target = torch.randn(50, 7)
+    ends = []
+    for make in (adam, torch.optim.Adam):
+        params = [p.clone().requires_grad_(True) for p in start]
+        optimizer = make(params, lr=0.05, eps=0.01, weight_decay=0.1)
+        for _ in range(20):
+            optimizer.zero_grad()
+            ((params[0] + params[1] - target) ** 2).sum().backward()
+            optimizer.step()
+        ends.append([p.detach() for p in params])
+        if make is adam:
+            assert optimizer.defaults["fused"] is True
+    for fused, loop in zip(*ends):
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ends[0][0], start[0], atol=0.5)  # it moved
