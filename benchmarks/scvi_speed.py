@@ -9,7 +9,8 @@ then ``--epochs`` timed epochs, in a fresh subprocess per run (so peak memory is
 alternating ``--pairs`` times, at each thread count of ``--threads`` (``torch.set_num_threads`` and
 ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in both). Reported per run: training cells per second (wall),
 CPU seconds per epoch, peak resident memory, pyro_sc's per-epoch training loss (seed 0); per pair the
-ratio of cells per second, and its median over the pairs.
+ratio of cells per second, and its median over the pairs; the warm-up epoch of a pyro_sc process whose
+``torch.compile`` cache is empty (the first process on a machine compiles its kernels).
 
 A profile of pyro_sc (torch profiler over two epochs after a warm-up epoch) gives the top operators by
 self CPU time per training step, and the share of the wall time spent outside torch operators (Python,
@@ -181,12 +182,12 @@ def profile_pyro_sc(args, repeats: int = 20) -> dict:
 
 
 def run_worker(python: str, kind: str, path: str, batch_key: str, batch_size: int, epochs: int,
-               train_size: float | None, threads: int) -> dict:
+               train_size: float | None, threads: int, extra_env: dict | None = None) -> dict:
     cmd = [python, __file__, "--worker", kind, "--data", path, "--batch-key", batch_key,
            "--batch-size", str(batch_size), "--epochs", str(epochs), "--worker-threads", str(threads)]
     if train_size is not None:
         cmd += ["--train-size", str(train_size)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {})}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -276,6 +277,10 @@ def main() -> None:
                                       "ratio": row["ratio"]}), flush=True)
                     if not args.no_profile:
                         entry["profile"].append(run_worker(sys.executable, "profile", *common))
+                    # a first process on a machine: torch.compile's on-disk cache empty (its warm-up epoch)
+                    cold = run_worker(sys.executable, "pyro_sc", path, batch_key, batch_size, 1, setting["train_size"],
+                                      threads, {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / f"inductor_{threads}")})
+                    row["pyro_sc_first_process_warmup_epoch_seconds"] = cold.get("warmup_epoch_seconds", cold)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
