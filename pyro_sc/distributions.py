@@ -292,28 +292,76 @@ def _zero_terms(
     return log_zero, g_mu * w_nb, g_theta * w_nb, log_keep.exp() - w_nb
 
 
-def _nonzero_terms(
-    x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lgamma_t: torch.Tensor, digamma_t: torch.Tensor,
-    z: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """log NB(x) (or log ZINB(x)) and its gradients at gathered nonzero counts ``x``: float32 ``x``, ``m``
-    (mu) and ``z`` (zi_logits), float64 ``t`` (theta) and its lgamma / digamma; evaluated in float64
-    arithmetic (the lgamma fast path), returned in float32.
+# lgamma / digamma for the fused path's float64 work: the recurrence up to 8, then the asymptotic series, all
+# in element-wise operations that vectorise (torch.lgamma / torch.digamma evaluate one element at a time).
+_RECURRENCE = 8
+# B_2k / (2k): digamma(w) = log w - 1 / (2w) - sum_k c_k w^(-2k); the first omitted term is below 2e-14 at w >= 8.
+_DIGAMMA_COEFFS = (1 / 12, -1 / 120, 1 / 252, -1 / 240, 1 / 132, -691 / 32760)
 
-    d log NB / d mu = (x (1 - p) - theta p) / mu, d log NB / d theta = digamma(x + theta) - digamma(theta)
-    - softplus(l) + p - x / (theta + mu); at a nonzero of the ZINB, d / d zi_logits = -sigmoid(zi_logits).
-    """
-    x, m = x.double(), m.double()
-    l = m.log() - t.log()
-    sp, pp = F.softplus(l), torch.sigmoid(l)
-    nb = torch.lgamma(x + t) - lgamma_t - torch.lgamma(x + 1) - t * sp - x * F.softplus(-l)
-    gm = (x * (1 - pp) - t * pp) / m
-    gt = torch.digamma(x + t) - digamma_t - sp + pp - x / (t + m)
-    g_z = None
-    if z is not None:
-        nb = nb + F.logsigmoid(-z.double())
-        g_z = -torch.sigmoid(z)
-    return nb.float(), gm.float(), gt.float(), g_z
+
+def _lgamma64(z: torch.Tensor) -> torch.Tensor:
+    """lgamma(z) for float64 z > 0: Stirling's series (six terms) at w = z, or at w = z + 8 below 8 with
+    lgamma(z) = lgamma(z + 8) - log(z (z + 1) ... (z + 7)). Relative error below 1e-14 (the series'
+    truncation at w >= 8 is below 2e-14 absolute)."""
+    small = z < _RECURRENCE
+    zc = z.clamp(max=_RECURRENCE)  # the product stays finite where it is not used
+    product = zc
+    for k in range(1, _RECURRENCE):
+        product = product * (zc + k)
+    w = torch.where(small, z + _RECURRENCE, z)
+    r = w.reciprocal()
+    series = _HALF_LOG_2PI + r * _polynomial(r * r, _STIRLING_COEFFS, float32_terms=6)
+    return (w - 0.5) * w.log() - w + series - torch.where(small, product.log(), torch.zeros_like(z))
+
+
+def _digamma64(z: torch.Tensor) -> torch.Tensor:
+    """digamma(z) for float64 z > 0: the asymptotic series at w = z, or at w = z + 8 below 8 with
+    digamma(z) = digamma(z + 8) - sum_{k < 8} 1 / (z + k). Absolute error below 1e-14."""
+    small = z < _RECURRENCE
+    zc = z.clamp(max=_RECURRENCE)
+    shift = zc.reciprocal()
+    for k in range(1, _RECURRENCE):
+        shift = shift + (zc + k).reciprocal()
+    w = torch.where(small, z + _RECURRENCE, z)
+    r = w.reciprocal()
+    r2 = r * r
+    series = r2 * _polynomial(r2, _DIGAMMA_COEFFS, float32_terms=6)
+    return w.log() - 0.5 * r - series - torch.where(small, shift, torch.zeros_like(z))
+
+
+def _nonzero_terms_using(lgamma: Callable, digamma: Callable) -> Callable:
+    """The nonzero entries' terms (:func:`_nonzero_terms`) evaluated with these lgamma / digamma."""
+
+    def nonzero_terms(
+        x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lgamma_t: torch.Tensor | None,
+        digamma_t: torch.Tensor | None, z: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x, m = x.double(), m.double()
+        if lgamma_t is None:
+            lgamma_t, digamma_t = lgamma(t), digamma(t)
+        l = m.log() - t.log()
+        sp, pp = F.softplus(l), torch.sigmoid(l)
+        nb = lgamma(x + t) - lgamma_t - lgamma(x + 1) - t * sp - x * F.softplus(-l)
+        gm = (x * (1 - pp) - t * pp) / m
+        gt = digamma(x + t) - digamma_t - sp + pp - x / (t + m)
+        g_z = None
+        if z is not None:
+            nb = nb + F.logsigmoid(-z.double())
+            g_z = -torch.sigmoid(z)
+        return nb.float(), gm.float(), gt.float(), g_z
+
+    return nonzero_terms
+
+
+#: log NB(x) (or log ZINB(x)) and its gradients at gathered nonzero counts ``x``: float32 ``x``, ``m``
+#: (mu) and ``z`` (zi_logits), float64 ``t`` (theta) and its lgamma / digamma (None: computed here);
+#: evaluated in float64 arithmetic (the lgamma fast path), returned in float32. With l = log mu - log
+#: theta, p = sigmoid(l): d log NB / d mu = (x (1 - p) - theta p) / mu, d log NB / d theta =
+#: digamma(x + theta) - digamma(theta) - softplus(l) + p - x / (theta + mu); at a nonzero of the ZINB,
+#: d / d zi_logits = -sigmoid(zi_logits). Plain torch's lgamma / digamma, the fastest uncompiled.
+_nonzero_terms = _nonzero_terms_using(torch.lgamma, torch.digamma)
+#: The same with :func:`_lgamma64` / :func:`_digamma64`, which vectorise: what gets compiled.
+_nonzero_terms_vectorised = _nonzero_terms_using(_lgamma64, _digamma64)
 
 
 #: Element counts below which the fused log-prob's kernels are not compiled (their plain torch form is
@@ -323,10 +371,11 @@ _compiled: dict[Callable, Callable] = {}
 _compile_failure: list[str] = []  # the first failure's message; compilation is not tried again after one
 
 
-def _kernel(fn: Callable, n_elements: int) -> Callable:
-    """``fn`` compiled by ``torch.compile`` (one fused, parallel loop) when ``settings.compile`` allows
-    it, the work is large enough and no gradient graph is asked for; otherwise ``fn`` itself. A failed
-    compilation (no C++ compiler, an unsupported device) warns once and falls back to ``fn`` for good."""
+def _kernel(fn: Callable, n_elements: int, compiled_form: Callable | None = None) -> Callable:
+    """``compiled_form`` (default ``fn``), computing the same as ``fn``, compiled by ``torch.compile`` (one
+    fused, parallel loop) when ``settings.compile`` allows it, the work is large enough and no gradient
+    graph is asked for; otherwise ``fn`` itself. A failed compilation (no C++ compiler, an unsupported
+    device) warns once and falls back to ``fn`` for good."""
     if (
         not settings.compile
         or _compile_failure
@@ -335,9 +384,10 @@ def _kernel(fn: Callable, n_elements: int) -> Callable:
         or torch.compiler.is_compiling()
     ):
         return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True)
-    compiled = _compiled[fn]
+    form = fn if compiled_form is None else compiled_form
+    if form not in _compiled:
+        _compiled[form] = torch.compile(form, dynamic=True)
+    compiled = _compiled[form]
 
     def call(*args):
         try:
@@ -362,8 +412,8 @@ def _fused_terms(
     """log NB (or ZINB) of float32 parameters and its gradients in closed form, on the broadcast shape.
 
     Zero term dense in float32 (:func:`_zero_terms`), nonzero counts gathered and evaluated in float64
-    (:func:`_nonzero_terms`), each compiled where :func:`_kernel` allows. Every operation is a
-    differentiable torch op (the in-place writes go into fresh tensors that no backward formula reads),
+    (:data:`_nonzero_terms`; compiled: its vectorising form), each compiled where :func:`_kernel` allows.
+    Every operation is a differentiable torch op (the in-place writes go into fresh tensors that no backward formula reads),
     so with grad mode on the gradients returned carry their own graph.
     """
     zi_shape = [] if zi_logits is None else [zi_logits.shape]
@@ -376,17 +426,14 @@ def _fused_terms(
     nonzeros = _Nonzeros(value, shape)
     if len(nonzeros):
         theta64 = theta.double()
+        t = nonzeros.gather(theta64)
+        lgamma_t = digamma_t = None  # per entry: computed in the kernel
         if theta.numel() < len(nonzeros):  # per-gene theta: its own terms once, then gathered
             lgamma_t = nonzeros.gather(torch.lgamma(theta64))
             digamma_t = nonzeros.gather(torch.digamma(theta64))
-            t = nonzeros.gather(theta64)
-        else:
-            t = nonzeros.gather(theta64)
-            lgamma_t, digamma_t = torch.lgamma(t), torch.digamma(t)
         z = None if zi_logits is None else nonzeros.gather(zi_logits)
-        nb, gm, gt, gz = _kernel(_nonzero_terms, len(nonzeros) * 8)(
-            nonzeros.gather(value), nonzeros.gather(mu), t, lgamma_t, digamma_t, z
-        )
+        kernel = _kernel(_nonzero_terms, len(nonzeros) * 8, _nonzero_terms_vectorised)
+        nb, gm, gt, gz = kernel(nonzeros.gather(value), nonzeros.gather(mu), t, lgamma_t, digamma_t, z)
         flat = nonzeros.flat
         if gz is not None:
             g_zi.view(-1).index_put_((flat,), gz)
