@@ -19,7 +19,7 @@ Pyro's trace); a per-step breakdown times a training step and its parts on their
 scvi-tools is run with the interpreter given by ``--scvi-tools-python`` (a separate environment with
 ``scvi-tools`` and the same torch), on the same data file.
 
-    python benchmarks/scvi_speed.py --scvi-tools-python /path/to/env/bin/python [--threads 1 2] [--datasets ifnb]
+    python benchmarks/scvi_speed.py --scvi-tools-python /path/to/env/bin/python [--threads 1 2] [--datasets ifnb] [--no-compile]
 
 writes ``benchmarks/results/scvi_speed.json``. Quote ratios from one run, not absolute times: the
 machines are shared and noisy.
@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: per data set")
     parser.add_argument("--epochs", type=int, default=None, help="timed epochs; default: per data set")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="pyro_sc with settings.compile off (PYRO_SC_COMPILE=0)")
     parser.add_argument("--scvi-tools-python", default=None, help="interpreter of an environment with scvi-tools")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scvi_speed.json"))
     parser.add_argument("--worker", choices=["pyro_sc", "scvi_tools", "profile"], help=argparse.SUPPRESS)
@@ -244,9 +245,12 @@ def main() -> None:
 
     import pyro_sc
 
+    if args.no_compile:
+        os.environ["PYRO_SC_COMPILE"] = "0"  # the workers inherit it
     results = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "pyro_sc": pyro_sc.__version__,
+        "pyro_sc_compile": os.environ.get("PYRO_SC_COMPILE", "1"),
         "pairs": args.pairs,
         "datasets": {},
     }
