@@ -40,9 +40,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = {  # batch sizes, timed epochs, train_size (None: the tool's default split, with validation)
-    "simulated": {"batch_sizes": [128, 512], "epochs": 3, "train_size": 1.0},
-    "ifnb": {"batch_sizes": [128], "epochs": 30, "train_size": None},
+DATASETS = {  # run settings: batch sizes, timed epochs, train_size (None: the tool's default split, with validation)
+    "simulated": dict(batch_sizes=[128, 512], epochs=3, train_size=1.0),
+    "ifnb": dict(batch_sizes=[128], epochs=30, train_size=None),
 }
 
 
@@ -246,7 +246,7 @@ def main() -> None:
     import pyro_sc
 
     if args.no_compile:
-        os.environ["PYRO_SC_COMPILE"] = "0"  # the workers inherit it
+        os.environ.update(PYRO_SC_COMPILE="0")  # the workers inherit it
     results = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "pyro_sc": pyro_sc.__version__,
