@@ -250,9 +250,24 @@ def _nb_dense_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tenso
     return _nb_lgamma_log_prob(value, mu, theta64, torch.lgamma(theta64))
 
 
-def _mostly_nonzero(value: torch.Tensor) -> bool:
-    """Dense evaluation beats gathering the nonzeros when they are the majority (e.g. marker panels)."""
-    return value.dtype != torch.float64 and 2 * int(torch.count_nonzero(value)) > value.numel()
+def _mostly_nonzero(value: torch.Tensor, nonzeros: _Nonzeros | None = None) -> bool:
+    """Dense evaluation beats gathering the nonzeros when they are the majority (e.g. marker panels);
+    ``nonzeros``, when found already (on any shape ``value`` broadcasts to), are counted instead."""
+    if value.dtype == torch.float64:
+        return False
+    if nonzeros is not None:
+        return 2 * len(nonzeros) > nonzeros.shape.numel()
+    return 2 * int(torch.count_nonzero(value)) > value.numel()
+
+
+def _sparse_fused_path(value: torch.Tensor, *params: torch.Tensor) -> tuple[bool, _Nonzeros | None]:
+    """(whether the counts are mostly nonzero, the nonzeros on the fused path's shape when it is taken):
+    the fused path's nonzeros are found once and counted for the dense-or-sparse choice."""
+    if not _use_fused(*params) or value.dtype == torch.float64:
+        return _mostly_nonzero(value), None
+    nonzeros = _Nonzeros(value, torch.broadcast_shapes(value.shape, *(p.shape for p in params)))
+    dense = _mostly_nonzero(value, nonzeros)
+    return dense, None if dense else nonzeros
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -407,7 +422,8 @@ def _kernel(fn: Callable, n_elements: int, compiled_form: Callable | None = None
 
 
 def _fused_terms(
-    value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None
+    value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None,
+    nonzeros: _Nonzeros | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log NB (or ZINB) of float32 parameters and its gradients in closed form, on the broadcast shape.
 
@@ -423,7 +439,7 @@ def _fused_terms(
     if g_zi is not None:
         g_zi = g_zi.expand(shape).contiguous()
 
-    nonzeros = _Nonzeros(value, shape)
+    nonzeros = _Nonzeros(value, shape) if nonzeros is None else nonzeros
     if len(nonzeros):
         theta64 = theta.double()
         t = nonzeros.gather(theta64)
@@ -457,9 +473,9 @@ class _FusedLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value, mu, theta, zi_logits):
+    def forward(ctx, value, mu, theta, zi_logits, nonzeros=None):
         ctx.shapes = (mu.shape, theta.shape, None if zi_logits is None else zi_logits.shape)
-        out, g_mu, g_theta, g_zi = _fused_terms(value, mu, theta, zi_logits)
+        out, g_mu, g_theta, g_zi = _fused_terms(value, mu, theta, zi_logits, nonzeros)
         ctx.save_for_backward(g_mu, g_theta, g_zi, value, mu, theta, zi_logits)
         return out
 
@@ -471,7 +487,7 @@ class _FusedLogProb(torch.autograd.Function):
         mu_shape, theta_shape, zi_shape = ctx.shapes
         grads = [None, _sum_to(grad_out * g_mu, mu_shape), _sum_to(grad_out * g_theta, theta_shape)]
         grads.append(None if zi_shape is None else _sum_to(grad_out * g_zi, zi_shape))
-        return tuple(grads)
+        return (*grads, None)
 
 
 def _use_fused(*params: torch.Tensor) -> bool:
@@ -552,10 +568,11 @@ class NegativeBinomial(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        if self.mu.dtype != torch.float64 and _mostly_nonzero(value):
+        dense, nonzeros = _sparse_fused_path(value, self.mu, self.theta)
+        if self.mu.dtype != torch.float64 and dense:
             return _nb_dense_log_prob(value, self.mu, self.theta).expand(shape)
-        if _use_fused(self.mu, self.theta):
-            return _FusedLogProb.apply(value, self.mu, self.theta, None).expand(shape)
+        if nonzeros is not None:
+            return _FusedLogProb.apply(value, self.mu, self.theta, None, nonzeros).expand(shape)
         nonzeros = _Nonzeros(value, shape)
         log_nonzero = _nb_nonzero_log_prob(nonzeros, value, self.mu, self.theta)
         return nonzeros.scatter(_nb_zero_log_prob(self.mu, self.theta), log_nonzero)
@@ -627,9 +644,9 @@ class ZeroInflatedNegativeBinomial(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        dense = _mostly_nonzero(value)
-        if _use_fused(self.mu, self.theta, self.zi_logits) and not dense:
-            return _FusedLogProb.apply(value, self.mu, self.theta, self.zi_logits).expand(shape)
+        dense, nonzeros = _sparse_fused_path(value, self.mu, self.theta, self.zi_logits)
+        if nonzeros is not None:
+            return _FusedLogProb.apply(value, self.mu, self.theta, self.zi_logits, nonzeros).expand(shape)
         log_zero = torch.logaddexp(
             F.logsigmoid(self.zi_logits),
             F.logsigmoid(-self.zi_logits) + _nb_zero_log_prob(self.mu, self.theta),
