@@ -84,6 +84,7 @@ Reference: C. Loader (2000), "Fast and accurate computation of binomial probabil
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Callable
@@ -386,6 +387,17 @@ _compiled: dict[Callable, Callable] = {}
 _compile_failure: list[str] = []  # the first failure's message; compilation is not tried again after one
 
 
+@contextlib.contextmanager
+def _torch_validation_kept():
+    """Keeps the user's default of torch.distributions' argument validation: the first use of
+    ``torch.compile`` in a process turns it off for the whole process (torch._dynamo's one-time patches)."""
+    validate = torch.distributions.Distribution._validate_args
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
+
+
 def _kernel(fn: Callable, n_elements: int, compiled_form: Callable | None = None) -> Callable:
     """``compiled_form`` (default ``fn``), computing the same as ``fn``, compiled by ``torch.compile`` (one
     fused, parallel loop) when ``settings.compile`` allows it, the work is large enough and no gradient
@@ -401,12 +413,14 @@ def _kernel(fn: Callable, n_elements: int, compiled_form: Callable | None = None
         return fn
     form = fn if compiled_form is None else compiled_form
     if form not in _compiled:
-        _compiled[form] = torch.compile(form, dynamic=True)
+        with _torch_validation_kept():
+            _compiled[form] = torch.compile(form, dynamic=True)
     compiled = _compiled[form]
 
     def call(*args):
         try:
-            return compiled(*args)
+            with _torch_validation_kept():
+                return compiled(*args)
         except Exception as error:  # noqa: BLE001 -- any failure to compile means: run uncompiled
             _compile_failure.append(f"{type(error).__name__}: {error}".splitlines()[0])
             warnings.warn(

@@ -47,6 +47,7 @@ def test_pyro_sc_changes_nothing_global_and_its_models_share_no_parameters():
     out = run_python(USER_MODEL + textwrap.dedent(
         """
         import json
+        import numpy as np
         settings_before = dict(pyro.settings.get())
         before = user_losses()
         import pyro_sc
@@ -54,8 +55,17 @@ def test_pyro_sc_changes_nothing_global_and_its_models_share_no_parameters():
         settings_after_import = dict(pyro.settings.get())
         after_import = user_losses()
         adata = pyro_sc.datasets.simulate_scvi(n_cells=60, n_genes=20, n_types=2, seed=0)
-        model = pyro_sc.SCVI(adata, n_hidden=8, n_latent=2)
+        sparse = adata.copy()  # mostly zeros, so that the log-prob takes its fused (compiled) path
+        x = np.asarray(sparse.X.todense() if hasattr(sparse.X, "todense") else sparse.X)
+        x = x * (np.random.default_rng(0).random(x.shape) < 0.2)
+        x[np.arange(len(x)), np.arange(len(x)) % x.shape[1]] += 1  # no empty cell
+        sparse.X = x
+        model = pyro_sc.SCVI(sparse, n_hidden=8, n_latent=2)
+        # with the log-prob's kernels compiled, as in a user's session (the suite turns compiling off)
+        pyro_sc.settings.compile, pyro_sc.distributions._COMPILE_MIN_ELEMENTS = True, 0
         model.train(max_epochs=2, seed=0, progress_bar=False)
+        compiled = len(pyro_sc.distributions._compiled) > 0 and not pyro_sc.distributions._compile_failure
+        pyro_sc.settings.compile = False
         # two models with autoguides (PyroModules built and run by pyro_sc), under Pyro's global mode
         a = pyro_sc.SCVI(adata, n_hidden=8, n_latent=2).set_guide(AutoNormal, sites=["z"])
         b = pyro_sc.SCVI(adata, n_hidden=8, n_latent=2).set_guide(AutoNormal, sites=["z"])
@@ -72,13 +82,14 @@ def test_pyro_sc_changes_nothing_global_and_its_models_share_no_parameters():
             "before": before, "after_import": after_import, "after_training": after_training,
             "settings": [settings_before, settings_after_import, settings_after_training],
             "store_after_training": store_after_training,
-            "moved": moved, "unchanged": unchanged, "shared": shared,
+            "moved": moved, "unchanged": unchanged, "shared": shared, "compiled": compiled,
         }))
         """
     ))
     # a user's PyroModule with a global pyro.param trains the same before the import, after it and after
     # pyro_sc models trained in the same process
     assert np.isfinite(out["before"]).all() and out["before"][-1] < out["before"][0]  # it does train
+    assert out["compiled"]  # the first model trained with compiled kernels
     assert out["after_import"] == out["before"]
     assert out["after_training"] == out["before"]
     before, after_import, after_training = out["settings"]
