@@ -145,6 +145,28 @@ def _deviance(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor
     return torch.where(v.abs() < _DEVIANCE_SERIES_MAX, series, a * torch.log(a / b) - d)
 
 
+def _broadcast_offsets(flat: torch.Tensor, shape: torch.Size, sizes: torch.Size) -> torch.Tensor:
+    """Row-major offsets into a tensor of ``sizes`` of the entries at row-major offsets ``flat`` of its
+    broadcast to ``shape``."""
+    sizes = (1,) * (len(shape) - len(sizes)) + tuple(sizes)
+    if sizes == tuple(shape):
+        return flat
+    offsets = torch.zeros_like(flat)
+    remainder, stride = flat, 1
+    for size, own in zip(reversed(shape), reversed(sizes)):
+        if own != 1:
+            offsets = offsets + (remainder % size) * stride
+            stride = stride * own  # not in place: under torch.jit.trace sizes are tensors
+        remainder = remainder // size
+    return offsets
+
+
+def _gather(tensor: torch.Tensor, flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The entries at row-major offsets ``flat`` of ``tensor`` broadcast to ``shape``, read from its own
+    (un-expanded) storage."""
+    return torch.take(tensor, _broadcast_offsets(flat, shape, tensor.shape))
+
+
 class _Nonzeros:
     """The entries of ``shape`` where ``value`` (broadcast to ``shape``) is nonzero.
 
@@ -163,23 +185,14 @@ class _Nonzeros:
 
     def _offsets(self, sizes: torch.Size) -> torch.Tensor:
         """Row-major offsets into a tensor of ``sizes`` of these entries of its broadcast to ``shape``."""
-        sizes = (1,) * (len(self.shape) - len(sizes)) + tuple(sizes)
-        if sizes == tuple(self.shape):
-            return self.flat
-        if sizes not in self._cache:
-            offsets = torch.zeros_like(self.flat)
-            remainder, stride = self.flat, 1
-            for size, own in zip(reversed(self.shape), reversed(sizes)):
-                if own != 1:
-                    offsets = offsets + (remainder % size) * stride
-                    stride = stride * own  # not in place: under torch.jit.trace sizes are tensors
-                remainder = remainder // size
-            self._cache[sizes] = offsets
-        return self._cache[sizes]
+        key = tuple(sizes)
+        if key not in self._cache:
+            self._cache[key] = _broadcast_offsets(self.flat, self.shape, sizes)
+        return self._cache[key]
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """The entries of ``tensor`` broadcast to ``shape``, read from its own (un-expanded) storage."""
-        return torch.take(tensor, self._offsets(tensor.shape))
+        return torch.take(tensor, self._offsets(tensor.shape))  # _gather, with the offsets kept
 
     def scatter(self, dense: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``dense`` broadcast to ``shape``, with these entries replaced by ``values``."""
@@ -346,7 +359,14 @@ def _digamma64(z: torch.Tensor) -> torch.Tensor:
 
 
 def _nonzero_terms_using(lgamma: Callable, digamma: Callable) -> Callable:
-    """The nonzero entries' terms (:func:`_nonzero_terms`) evaluated with these lgamma / digamma."""
+    """log NB(x) (or log ZINB(x)) and its gradients at gathered nonzero counts ``x``, with these lgamma /
+    digamma: float32 ``x``, ``m`` (mu) and ``z`` (zi_logits), float64 ``t`` (theta) and its lgamma / digamma
+    (None: computed here); evaluated in float64 arithmetic (the lgamma fast path), returned in float32.
+
+    With l = log mu - log theta, p = sigmoid(l): d log NB / d mu = (x (1 - p) - theta p) / mu,
+    d log NB / d theta = digamma(x + theta) - digamma(theta) - softplus(l) + p - x / (theta + mu); at a
+    nonzero of the ZINB, d / d zi_logits = -sigmoid(zi_logits).
+    """
 
     def nonzero_terms(
         x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lgamma_t: torch.Tensor | None,
@@ -367,17 +387,6 @@ def _nonzero_terms_using(lgamma: Callable, digamma: Callable) -> Callable:
         return nb.float(), gm.float(), gt.float(), g_z
 
     return nonzero_terms
-
-
-#: log NB(x) (or log ZINB(x)) and its gradients at gathered nonzero counts ``x``: float32 ``x``, ``m``
-#: (mu) and ``z`` (zi_logits), float64 ``t`` (theta) and its lgamma / digamma (None: computed here);
-#: evaluated in float64 arithmetic (the lgamma fast path), returned in float32. With l = log mu - log
-#: theta, p = sigmoid(l): d log NB / d mu = (x (1 - p) - theta p) / mu, d log NB / d theta =
-#: digamma(x + theta) - digamma(theta) - softplus(l) + p - x / (theta + mu); at a nonzero of the ZINB,
-#: d / d zi_logits = -sigmoid(zi_logits). Plain torch's lgamma / digamma, the fastest uncompiled.
-_nonzero_terms = _nonzero_terms_using(torch.lgamma, torch.digamma)
-#: The same with :func:`_lgamma64` / :func:`_digamma64`, which vectorise: what gets compiled.
-_nonzero_terms_vectorised = _nonzero_terms_using(_lgamma64, _digamma64)
 
 
 #: Element counts below which the fused log-prob's kernels are not compiled (their plain torch form is
@@ -435,6 +444,56 @@ def _kernel(fn: Callable, n_elements: int, compiled_form: Callable | None = None
     return call
 
 
+def _terms_using(lgamma: Callable, digamma: Callable, in_place: bool) -> Callable:
+    """The fused log-prob's whole forward (:func:`_fused_terms`) with these lgamma / digamma: one function of
+    tensors, so that ``torch.compile`` fuses the zero entries' dense pass, the gathers at the nonzeros, their
+    float64 terms and the writes back into one kernel. The nonzeros' values are written ``in_place`` into the
+    dense results (plain torch: no copies) or by out-of-place ``index_put`` (compiled: inductor then writes
+    them in the same loop, where in-place writes cost it extra passes)."""
+    nonzero_terms = _nonzero_terms_using(lgamma, digamma)
+
+    def terms(
+        value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None,
+        flat: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        zi_shape = [] if zi_logits is None else [zi_logits.shape]
+        shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *zi_shape)
+        out, g_mu, g_theta, g_zi = _zero_terms(mu, theta, zi_logits)
+        out, g_mu, g_theta = (t.expand(shape).contiguous() for t in (out, g_mu, g_theta))
+        if g_zi is not None:
+            g_zi = g_zi.expand(shape).contiguous()
+        if flat.numel():
+            theta64, at_theta = theta.double(), _broadcast_offsets(flat, shape, theta.shape)
+            t = torch.take(theta64, at_theta)
+            lgamma_t = digamma_t = None  # per entry: computed with the other terms
+            if theta.numel() < flat.numel():  # per-gene theta: its own terms once, then gathered
+                lgamma_t = torch.take(lgamma(theta64), at_theta)
+                digamma_t = torch.take(digamma(theta64), at_theta)
+            x, m = _gather(value, flat, shape), _gather(mu, flat, shape)
+            z = None if zi_logits is None else _gather(zi_logits, flat, shape)
+            nb, gm, gt, gz = nonzero_terms(x, m, t, lgamma_t, digamma_t, z)
+            if in_place:  # into fresh tensors that no backward formula reads
+                for dense, values in ((out, nb), (g_mu, gm), (g_theta, gt), (g_zi, gz)):
+                    if values is not None:
+                        dense.view(-1).index_put_((flat,), values)
+            else:
+                out, g_mu, g_theta = (
+                    dense.view(-1).index_put((flat,), values).view(shape)
+                    for dense, values in ((out, nb), (g_mu, gm), (g_theta, gt))
+                )
+                if gz is not None:
+                    g_zi = g_zi.view(-1).index_put((flat,), gz).view(shape)
+        return out, g_mu, g_theta, g_zi
+
+    return terms
+
+
+#: :func:`_fused_terms`' work in plain torch (torch's lgamma / digamma, the fastest uncompiled).
+_terms = _terms_using(torch.lgamma, torch.digamma, in_place=True)
+#: The same with :func:`_lgamma64` / :func:`_digamma64`, which vectorise: what gets compiled.
+_terms_vectorised = _terms_using(_lgamma64, _digamma64, in_place=False)
+
+
 def _fused_terms(
     value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None,
     nonzeros: _Nonzeros | None = None,
@@ -442,35 +501,15 @@ def _fused_terms(
     """log NB (or ZINB) of float32 parameters and its gradients in closed form, on the broadcast shape.
 
     Zero term dense in float32 (:func:`_zero_terms`), nonzero counts gathered and evaluated in float64
-    (:data:`_nonzero_terms`; compiled: its vectorising form), each compiled where :func:`_kernel` allows.
-    Every operation is a differentiable torch op (the in-place writes go into fresh tensors that no backward formula reads),
-    so with grad mode on the gradients returned carry their own graph.
+    (:func:`_nonzero_terms_using`) and written over it; the whole compiled as one function where
+    :func:`_kernel` allows. Every operation is a differentiable torch op (the in-place writes go into fresh tensors that no
+    backward formula reads), so with grad mode on the gradients returned carry their own graph.
     """
     zi_shape = [] if zi_logits is None else [zi_logits.shape]
     shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *zi_shape)
-    out, g_mu, g_theta, g_zi = _kernel(_zero_terms, shape.numel())(mu, theta, zi_logits)
-    out, g_mu, g_theta = (t.expand(shape).contiguous() for t in (out, g_mu, g_theta))
-    if g_zi is not None:
-        g_zi = g_zi.expand(shape).contiguous()
-
     nonzeros = _Nonzeros(value, shape) if nonzeros is None else nonzeros
-    if len(nonzeros):
-        theta64 = theta.double()
-        t = nonzeros.gather(theta64)
-        lgamma_t = digamma_t = None  # per entry: computed in the kernel
-        if theta.numel() < len(nonzeros):  # per-gene theta: its own terms once, then gathered
-            lgamma_t = nonzeros.gather(torch.lgamma(theta64))
-            digamma_t = nonzeros.gather(torch.digamma(theta64))
-        z = None if zi_logits is None else nonzeros.gather(zi_logits)
-        kernel = _kernel(_nonzero_terms, len(nonzeros) * 8, _nonzero_terms_vectorised)
-        nb, gm, gt, gz = kernel(nonzeros.gather(value), nonzeros.gather(mu), t, lgamma_t, digamma_t, z)
-        flat = nonzeros.flat
-        if gz is not None:
-            g_zi.view(-1).index_put_((flat,), gz)
-        out.view(-1).index_put_((flat,), nb)
-        g_mu.view(-1).index_put_((flat,), gm)
-        g_theta.view(-1).index_put_((flat,), gt)
-    return out, g_mu, g_theta, g_zi
+    kernel = _kernel(_terms, shape.numel() + 8 * len(nonzeros), _terms_vectorised)
+    return kernel(value, mu, theta, zi_logits, nonzeros.flat)
 
 
 class _FusedLogProb(torch.autograd.Function):
@@ -498,10 +537,18 @@ class _FusedLogProb(torch.autograd.Function):
         g_mu, g_theta, g_zi, value, mu, theta, zi_logits = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: gradients as differentiable functions of the inputs
             _, g_mu, g_theta, g_zi = _fused_terms(value, mu, theta, zi_logits)
-        mu_shape, theta_shape, zi_shape = ctx.shapes
-        grads = [None, _sum_to(grad_out * g_mu, mu_shape), _sum_to(grad_out * g_theta, theta_shape)]
-        grads.append(None if zi_shape is None else _sum_to(grad_out * g_zi, zi_shape))
-        return (*grads, None)
+        products = _kernel(_chain_rule, 4 * g_mu.numel())
+        return (None, *products(grad_out, g_mu, g_theta, g_zi, *ctx.shapes), None)
+
+
+def _chain_rule(
+    grad_out: torch.Tensor, g_mu: torch.Tensor, g_theta: torch.Tensor, g_zi: torch.Tensor | None,
+    mu_shape: torch.Size, theta_shape: torch.Size, zi_shape: torch.Size | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of mu, theta and zi_logits: the incoming gradient times the saved ones, summed back to
+    each input's shape (compiled: one loop)."""
+    g_zi = None if zi_shape is None else _sum_to(grad_out * g_zi, zi_shape)
+    return _sum_to(grad_out * g_mu, mu_shape), _sum_to(grad_out * g_theta, theta_shape), g_zi
 
 
 def _use_fused(*params: torch.Tensor) -> bool:
