@@ -348,9 +348,12 @@ def _digamma64(z: torch.Tensor) -> torch.Tensor:
     digamma(z) = digamma(z + 8) - sum_{k < 8} 1 / (z + k). Absolute error below 1e-14."""
     small = z < _RECURRENCE
     zc = z.clamp(max=_RECURRENCE)
-    shift = zc.reciprocal()
+    # sum_k 1 / (z + k) = numerator / product, built up with one division in all (the product is
+    # lgamma's, shared when both are compiled into one kernel); every term is positive: no cancellation
+    numerator, product = torch.ones_like(zc), zc
     for k in range(1, _RECURRENCE):
-        shift = shift + (zc + k).reciprocal()
+        numerator, product = numerator * (zc + k) + product, product * (zc + k)
+    shift = numerator / product
     w = torch.where(small, z + _RECURRENCE, z)
     r = w.reciprocal()
     r2 = r * r
