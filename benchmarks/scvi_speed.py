@@ -17,7 +17,9 @@ self CPU time per training step, and the share of the wall time spent outside to
 Pyro's trace); a per-step breakdown times a training step and its parts on their own.
 
 scvi-tools is run with the interpreter given by ``--scvi-tools-python`` (a separate environment with
-``scvi-tools`` and the same torch), on the same data file.
+``scvi-tools`` and the same torch), on the same data file. ``--baseline DIR`` adds a third process to each
+round: pyro_sc imported from another checkout (e.g. a ``git worktree`` of an earlier commit, put first on
+``PYTHONPATH``), so that a change is timed before and after in the same run, alternating.
 
     python benchmarks/scvi_speed.py --scvi-tools-python /path/to/env/bin/python [--threads 1 2] [--datasets ifnb] [--no-compile]
 
@@ -87,7 +89,7 @@ def worker_pyro_sc(args) -> dict:
         model.train(max_epochs=epochs, **kwargs)
         return {"train_loss": [float(v) for v in model.history["train_loss"]]}
 
-    return timed_epochs(train, adata.n_obs, args.epochs)
+    return {**timed_epochs(train, adata.n_obs, args.epochs), "imported_from": str(Path(pyro_sc.__file__).parent)}
 
 
 def worker_scvi_tools(args) -> dict:
@@ -224,6 +226,7 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="pyro_sc with settings.compile off (PYRO_SC_COMPILE=0)")
     parser.add_argument("--scvi-tools-python", default=None, help="interpreter of an environment with scvi-tools")
+    parser.add_argument("--baseline", default=None, help="a checkout of pyro_sc to time alternately as 'before'")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scvi_speed.json"))
     parser.add_argument("--worker", choices=["pyro_sc", "scvi_tools", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -250,6 +253,7 @@ def main() -> None:
     results = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "pyro_sc": pyro_sc.__version__,
+        "baseline": args.baseline,
         "pyro_sc_compile": os.environ.get("PYRO_SC_COMPILE", "1"),
         "pairs": args.pairs,
         "datasets": {},
@@ -264,9 +268,17 @@ def main() -> None:
                 for batch_size in args.batch_sizes or setting["batch_sizes"]:
                     common = (path, batch_key, batch_size, epochs, setting["train_size"], threads)
                     row = {"threads": threads, "batch_size": batch_size, "pyro_sc": [], "scvi_tools": [], "ratio": []}
+                    if args.baseline:
+                        row.update(baseline=[], ratio_to_baseline=[])
                     for _ in range(args.pairs):
+                        if args.baseline:
+                            before = run_worker(sys.executable, "pyro_sc", *common,
+                                                {"PYTHONPATH": str(Path(args.baseline).resolve())})
+                            row["baseline"].append(before)
                         ours = run_worker(sys.executable, "pyro_sc", *common)
                         row["pyro_sc"].append(ours)
+                        if args.baseline and "cells_per_second" in ours and "cells_per_second" in before:
+                            row["ratio_to_baseline"].append(ours["cells_per_second"] / before["cells_per_second"])
                         if args.scvi_tools_python:
                             theirs = run_worker(args.scvi_tools_python, "scvi_tools", *common)
                             row["scvi_tools"].append(theirs)
@@ -274,11 +286,14 @@ def main() -> None:
                                 row["ratio"].append(ours["cells_per_second"] / theirs["cells_per_second"])
                     if row["ratio"]:
                         row["ratio_median"] = statistics.median(row["ratio"])
+                    if row.get("ratio_to_baseline"):
+                        row["ratio_to_baseline_median"] = statistics.median(row["ratio_to_baseline"])
                     entry["runs"].append(row)
                     print(json.dumps({"dataset": name, "threads": threads, "batch_size": batch_size,
                                       "pyro_sc_cells_per_second": [r.get("cells_per_second") for r in row["pyro_sc"]],
                                       "scvi_tools_cells_per_second": [r.get("cells_per_second") for r in row["scvi_tools"]],
-                                      "ratio": row["ratio"]}), flush=True)
+                                      "ratio": row["ratio"], "ratio_to_baseline": row.get("ratio_to_baseline")}),
+                          flush=True)
                     if not args.no_profile:
                         entry["profile"].append(run_worker(sys.executable, "profile", *common))
                     # a first process on a machine: torch.compile's on-disk cache empty (its warm-up epoch)
