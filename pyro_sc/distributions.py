@@ -457,7 +457,7 @@ def _terms_using(lgamma: Callable, digamma: Callable, in_place: bool) -> Callabl
 
     def terms(
         value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None,
-        flat: torch.Tensor,
+        flat: torch.Tensor, theta_terms: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         zi_shape = [] if zi_logits is None else [zi_logits.shape]
         shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *zi_shape)
@@ -469,9 +469,8 @@ def _terms_using(lgamma: Callable, digamma: Callable, in_place: bool) -> Callabl
             theta64, at_theta = theta.double(), _broadcast_offsets(flat, shape, theta.shape)
             t = torch.take(theta64, at_theta)
             lgamma_t = digamma_t = None  # per entry: computed with the other terms
-            if theta.numel() < flat.numel():  # per-gene theta: its own terms once, then gathered
-                lgamma_t = torch.take(lgamma(theta64), at_theta)
-                digamma_t = torch.take(digamma(theta64), at_theta)
+            if theta_terms is not None:  # per-gene theta: its own terms once, then gathered
+                lgamma_t, digamma_t = (torch.take(term, at_theta) for term in theta_terms)
             x, m = _gather(value, flat, shape), _gather(mu, flat, shape)
             z = None if zi_logits is None else _gather(zi_logits, flat, shape)
             nb, gm, gt, gz = nonzero_terms(x, m, t, lgamma_t, digamma_t, z)
@@ -511,8 +510,12 @@ def _fused_terms(
     zi_shape = [] if zi_logits is None else [zi_logits.shape]
     shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *zi_shape)
     nonzeros = _Nonzeros(value, shape) if nonzeros is None else nonzeros
+    theta_terms = None
+    if theta.numel() < len(nonzeros):  # lgamma / digamma of theta itself (torch's: fewer lines to compile)
+        theta64 = theta.double()
+        theta_terms = (torch.lgamma(theta64), torch.digamma(theta64))
     kernel = _kernel(_terms, shape.numel() + 8 * len(nonzeros), _terms_vectorised)
-    return kernel(value, mu, theta, zi_logits, nonzeros.flat)
+    return kernel(value, mu, theta, zi_logits, nonzeros.flat, theta_terms)
 
 
 class _FusedLogProb(torch.autograd.Function):
