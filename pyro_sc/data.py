@@ -30,6 +30,8 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from .distributions import remember_nonzeros
+
 __all__ = [
     "AnnDataSetup", "DataError", "DataWarning", "Minibatch", "iterate_minibatches", "load_minibatches",
     "split_indices",
@@ -202,8 +204,22 @@ def _dense_tensor(rows, device: torch.device) -> torch.Tensor:
     if sp.issparse(rows) and device.type != "cpu":
         return _sparse_tensor(rows).to(device, non_blocking=True).to_dense()
     if sp.issparse(rows):
-        rows = rows.toarray()
+        dense = torch.as_tensor(rows.toarray().astype(np.float32, copy=False), device=device)
+        return remember_nonzeros(dense, _csr_nonzero_offsets(rows))
     return torch.as_tensor(np.asarray(rows).astype(np.float32, copy=False), device=device)
+
+
+def _csr_nonzero_offsets(rows: sp.spmatrix) -> torch.Tensor:
+    """Row-major offsets of the entries of sparse rows that are nonzero in float32 (the NB / ZINB log-prob
+    then need not search the dense minibatch for them)."""
+    rows = sp.csr_matrix(rows)
+    if not rows.has_canonical_format:  # duplicate entries (summed by toarray) or unsorted columns
+        rows = rows.copy()
+        rows.sum_duplicates()
+    row_of = np.repeat(np.arange(rows.shape[0], dtype=np.int64), np.diff(rows.indptr))
+    flat = row_of * rows.shape[1] + rows.indices
+    nonzero = rows.data.astype(np.float32, copy=False) != 0
+    return torch.from_numpy(flat if nonzero.all() else flat[nonzero])
 
 
 def _chunks(n: int, size: int | None = None) -> Iterator[slice]:

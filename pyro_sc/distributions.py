@@ -161,6 +161,42 @@ def _broadcast_offsets(flat: torch.Tensor, shape: torch.Size, sizes: torch.Size)
     return offsets
 
 
+#: The attribute under which a dense count tensor made from sparse rows carries its nonzeros (see
+#: :func:`remember_nonzeros`).
+_NONZEROS_ATTRIBUTE = "_pyro_sc_nonzeros"
+
+
+def remember_nonzeros(value: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Attach to ``value`` the row-major offsets ``flat`` of its nonzero entries (known from the sparse
+    rows it was densified from), so that the NB / ZINB log-prob need not search for them. They are used
+    only while ``value`` is unchanged (its in-place version counter is checked). Returns ``value``."""
+    setattr(value, _NONZEROS_ATTRIBUTE, (flat, value._version))
+    return value
+
+
+def _known_nonzeros(value: torch.Tensor) -> torch.Tensor | None:
+    """The offsets :func:`remember_nonzeros` attached to ``value``, unless it has been modified since."""
+    known = getattr(value, _NONZEROS_ATTRIBUTE, None)
+    if known is None or known[1] != value._version or torch.jit.is_tracing():
+        return None
+    return known[0]
+
+
+def _broadcast_leading(flat: torch.Tensor, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Offsets into ``shape`` of the entries at offsets ``flat`` of ``value`` broadcast to it, when the
+    broadcast only adds leading dimensions (e.g. enumerated cell types); else the search itself."""
+    sizes = tuple(value.shape)
+    while sizes and sizes[0] == 1:
+        sizes = sizes[1:]
+    if tuple(shape[len(shape) - len(sizes):]) != sizes:
+        return (value != 0).expand(shape).reshape(-1).nonzero().squeeze(-1)
+    copies = shape.numel() // max(value.numel(), 1)
+    if copies == 1:
+        return flat
+    starts = torch.arange(copies, device=flat.device, dtype=flat.dtype) * value.numel()
+    return (starts.unsqueeze(-1) + flat).reshape(-1)
+
+
 def _gather(tensor: torch.Tensor, flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The entries at row-major offsets ``flat`` of ``tensor`` broadcast to ``shape``, read from its own
     (un-expanded) storage."""
@@ -177,7 +213,11 @@ class _Nonzeros:
 
     def __init__(self, value: torch.Tensor, shape: torch.Size) -> None:
         self.shape = torch.Size(shape)
-        self.flat = (value != 0).expand(self.shape).reshape(-1).nonzero().squeeze(-1)
+        known = _known_nonzeros(value)
+        if known is None:
+            self.flat = (value != 0).expand(self.shape).reshape(-1).nonzero().squeeze(-1)
+        else:
+            self.flat = _broadcast_leading(known, value, self.shape)
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:

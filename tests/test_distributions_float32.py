@@ -17,6 +17,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from pyro.infer import Trace_ELBO
@@ -434,3 +435,50 @@ def test_vectorising_lgamma_and_digamma_match_scipy():
     got_d = D._digamma64(torch.tensor(z)).numpy()
     np.testing.assert_allclose(got_l, special.gammaln(z), rtol=2e-14, atol=2e-14)
     np.testing.assert_allclose(got_d, special.digamma(z), rtol=2e-14, atol=2e-14)
+
+
+# ------------------------------------------------------------------- nonzeros known from the sparse rows
+
+
+def test_minibatch_from_sparse_rows_carries_its_nonzeros_and_gives_the_same_log_prob(fused_calls):
+    """A minibatch densified from CSR rows carries the offsets of its nonzeros (duplicates summed, explicit
+    zeros left out), the fused ZINB finds the same ones by searching, on the minibatch's shape and with
+    enumerated types in front, and its values and gradients are bit for bit the same either way; a
+    minibatch changed in place is searched again."""
+    from pyro_sc.data import _dense_tensor
+
+    mu, theta, zi_logits, x = _sparse_counts()
+    rows = sp.csr_matrix(x)
+    rows.data[:5] = 0  # explicit zeros
+    # and row 0's last entry stored twice (1 + its count): a CSR matrix with a duplicate, summed by toarray
+    last = rows.indptr[1] - 1
+    duplicated = sp.csr_matrix(
+        (np.insert(rows.data, last, 1.0), np.insert(rows.indices, last, rows.indices[last]),
+         rows.indptr + (np.arange(len(rows.indptr)) > 0)), shape=x.shape,
+    )
+    assert not duplicated.has_canonical_format
+    for matrix in (rows, duplicated):
+        value = _dense_tensor(matrix, torch.device("cpu"))
+        searched = (value != 0).reshape(-1).nonzero().squeeze(-1)
+        assert torch.equal(D._known_nonzeros(value), searched)
+        enumerated = torch.Size([3, *value.shape])
+        assert torch.equal(
+            D._Nonzeros(value, enumerated).flat, (value != 0).expand(enumerated).reshape(-1).nonzero().squeeze(-1)
+        )
+
+    value = _dense_tensor(duplicated, torch.device("cpu"))
+    params = [torch.tensor(a, dtype=torch.float32) for a in (mu, theta, zi_logits)]
+    enumerated_mu = params[0] * torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1)
+    results = []
+    for counts in (value, value.clone()):  # carries its nonzeros; a copy does not
+        for m in (params[0], enumerated_mu):
+            leaves = [p.clone().requires_grad_() for p in (m, *params[1:])]
+            lp = ZeroInflatedNegativeBinomial(*leaves, validate_args=False).log_prob(counts)
+            results.append([lp.detach(), *torch.autograd.grad(lp.sum(), leaves)])
+    assert len(fused_calls) == 4
+    assert D._known_nonzeros(value) is not None and D._known_nonzeros(value.clone()) is None
+    for known, searched in zip(results[:2], results[2:]):
+        assert all(torch.equal(a, b) for a, b in zip(known, searched))
+
+    value[0, 0] += 1  # in place: the offsets it carries may be stale, so they are not used
+    assert D._known_nonzeros(value) is None
