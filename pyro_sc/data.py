@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from .distributions import remember_nonzeros
+from .distributions import _remember_nonzeros
 
 __all__ = [
     "AnnDataSetup", "DataError", "DataWarning", "Minibatch", "iterate_minibatches", "load_minibatches",
@@ -205,7 +205,7 @@ def _dense_tensor(rows, device: torch.device) -> torch.Tensor:
         return _sparse_tensor(rows).to(device, non_blocking=True).to_dense()
     if sp.issparse(rows):
         dense = torch.as_tensor(rows.toarray().astype(np.float32, copy=False), device=device)
-        return remember_nonzeros(dense, _csr_nonzero_offsets(rows))
+        return _remember_nonzeros(dense, _csr_nonzero_offsets(rows))
     return torch.as_tensor(np.asarray(rows).astype(np.float32, copy=False), device=device)
 
 

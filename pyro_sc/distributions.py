@@ -162,11 +162,11 @@ def _broadcast_offsets(flat: torch.Tensor, shape: torch.Size, sizes: torch.Size)
 
 
 #: The attribute under which a dense count tensor made from sparse rows carries its nonzeros (see
-#: :func:`remember_nonzeros`).
+#: :func:`_remember_nonzeros`).
 _NONZEROS_ATTRIBUTE = "_pyro_sc_nonzeros"
 
 
-def remember_nonzeros(value: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+def _remember_nonzeros(value: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Attach to ``value`` the row-major offsets ``flat`` of its nonzero entries (known from the sparse
     rows it was densified from), so that the NB / ZINB log-prob need not search for them. They are used
     only while ``value`` is unchanged (its in-place version counter is checked). Returns ``value``."""
@@ -175,7 +175,7 @@ def remember_nonzeros(value: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 
 def _known_nonzeros(value: torch.Tensor) -> torch.Tensor | None:
-    """The offsets :func:`remember_nonzeros` attached to ``value``, unless it has been modified since."""
+    """The offsets :func:`_remember_nonzeros` attached to ``value``, unless it has been modified since."""
     known = getattr(value, _NONZEROS_ATTRIBUTE, None)
     if known is None or known[1] != value._version or torch.jit.is_tracing():
         return None
@@ -544,8 +544,9 @@ def _fused_terms(
 
     Zero term dense in float32 (:func:`_zero_terms`), nonzero counts gathered and evaluated in float64
     (:func:`_nonzero_terms_using`) and written over it; the whole compiled as one function where
-    :func:`_kernel` allows. Every operation is a differentiable torch op (the in-place writes go into fresh tensors that no
-    backward formula reads), so with grad mode on the gradients returned carry their own graph.
+    :func:`_kernel` allows. Every operation is a differentiable torch op (the in-place writes go into fresh
+    tensors that no backward formula reads), so with grad mode on the gradients returned carry their own
+    graph.
     """
     zi_shape = [] if zi_logits is None else [zi_logits.shape]
     shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, *zi_shape)
